@@ -1,0 +1,107 @@
+//! Answering one certificate-request exit record: the semantics of docs/protocol.md,
+//! "Answering a certificate request".
+
+use std::time::Instant;
+
+use coco_protocol::exit::{self, Abi, CertsRet, RecordError, PAGE_SIZE};
+use coco_protocol::table::pages_for;
+use coco_protocol::wire::ExitMsg;
+use log::{debug, warn};
+
+use crate::blob::{self, BlobStore, Fetch};
+use crate::lease::Leases;
+use crate::memory::GuestRam;
+
+/// Answers `msg`: the reply's record carries ret (and npages for ENOSPC); `status` is non-zero
+/// when the record was not a certificate request this sidecar serves.
+pub fn answer(msg: ExitMsg, store: &BlobStore, ram: &GuestRam, leases: &mut Leases) -> ExitMsg {
+    let mut reply = ExitMsg {
+        status: 0,
+        lease: 0,
+        ..msg
+    };
+    let Some(abi) = Abi::from_tag(reply.abi) else {
+        warn!("vcpu {}: unknown record ABI tag {}", reply.vcpu, reply.abi);
+        reply.status = libc::ENOTSUP as u32;
+        return reply;
+    };
+    let request = match exit::decode_request(abi, &reply.record) {
+        Ok(r) => r,
+        Err(e @ RecordError::Size { .. }) => {
+            warn!("vcpu {}: {e}", reply.vcpu);
+            reply.status = libc::EINVAL as u32;
+            return reply;
+        }
+        Err(e @ RecordError::SubType(_)) => {
+            warn!("vcpu {}: {e}", reply.vcpu);
+            reply.status = libc::ENOTSUP as u32;
+            return reply;
+        }
+        Err(e @ RecordError::Gfn(_)) => {
+            warn!("vcpu {}: {e}; answering EIO", reply.vcpu);
+            exit::encode_answer(abi, &mut reply.record, CertsRet::Io, None);
+            return reply;
+        }
+    };
+    // A vCPU asking again has passed its previous request to firmware.
+    leases.release_vcpu(reply.vcpu);
+    let (ret, npages, lease) = serve(request, store, ram, leases, reply.vcpu);
+    exit::encode_answer(abi, &mut reply.record, ret, npages);
+    reply.lease = lease;
+    debug!(
+        "vcpu {} {:?} gpa {:#x} npages {} -> ret {:?}{} lease {}",
+        reply.vcpu,
+        abi,
+        request.gpa,
+        request.npages,
+        ret,
+        npages.map(|n| format!(" npages {n}")).unwrap_or_default(),
+        lease
+    );
+    reply
+}
+
+fn serve(
+    req: exit::CertsRequest,
+    store: &BlobStore,
+    ram: &GuestRam,
+    leases: &mut Leases,
+    vcpu: u32,
+) -> (CertsRet, Option<u64>, u64) {
+    let buf_len = req
+        .npages
+        .checked_mul(PAGE_SIZE)
+        .filter(|len| req.gpa.checked_add(*len).is_some());
+    let Some(buf_len) = buf_len.filter(|_| req.gpa % PAGE_SIZE == 0) else {
+        warn!(
+            "vcpu {vcpu}: buffer gpa {:#x} npages {} is unaligned or overflows; answering EIO",
+            req.gpa, req.npages
+        );
+        return (CertsRet::Io, None, 0);
+    };
+    if !leases.has_room() {
+        warn!("vcpu {vcpu}: this connection already holds its maximum of leases; answering EAGAIN");
+        return (CertsRet::Again, None, 0);
+    }
+    let (bytes, lock) = match store.fetch() {
+        Fetch::Table { bytes, lock } => (bytes, lock),
+        Fetch::Again(why) => {
+            debug!("vcpu {vcpu}: EAGAIN: {why}");
+            return (CertsRet::Again, None, 0);
+        }
+        Fetch::Io(why) => {
+            warn!("vcpu {vcpu}: EIO: {why}");
+            return (CertsRet::Io, None, 0);
+        }
+    };
+    if bytes.len() as u64 > buf_len {
+        blob::warn_if_too_large_for_linux(bytes.len());
+        return (CertsRet::NoSpace, Some(pages_for(bytes.len())), 0);
+    }
+    if let Err(e) = ram.write(req.gpa, buf_len, &bytes) {
+        warn!("vcpu {vcpu}: {e}; answering EIO");
+        return (CertsRet::Io, None, 0);
+    }
+    let lease = lock.map_or(0, |file| leases.grant(vcpu, file, Instant::now()));
+    (CertsRet::Ok, None, lease)
+}

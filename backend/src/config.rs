@@ -1,0 +1,56 @@
+//! The sidecar's settings, validated. The CLI builds them; tests and the demo build them
+//! directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a request gets while the certificate blob does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingCerts {
+    /// The empty table (just the terminator) and ret 0: the guest attests without a chain.
+    Empty,
+    /// EAGAIN: the blob is expected to appear (the guest gives up after about 60 s).
+    Again,
+    /// EIO: a blob is required. Linux guests then lose attestation until reboot.
+    Io,
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Path of the listening socket.
+    pub socket: PathBuf,
+    /// Path of the certificate blob (a GHCB certificate table).
+    pub certs: PathBuf,
+    /// How long a request waits for the shared lock before answering EAGAIN.
+    pub lock_wait: Duration,
+    /// How long a lease may be held without COCO_DONE.
+    pub lease_timeout: Duration,
+    /// Policy while the blob is missing.
+    pub missing_certs: MissingCerts,
+    /// Connections served at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Leases one connection may hold at once.
+    pub max_leases: usize,
+    /// How long the rest of a message may take once its first byte arrived.
+    pub io_timeout: Duration,
+    /// Accept memory whose file cannot be shrink-sealed (checked by size before each write).
+    pub allow_unsealed_memory: bool,
+}
+
+impl Config {
+    /// Settings with the documented defaults.
+    pub fn new(socket: impl Into<PathBuf>, certs: impl Into<PathBuf>) -> Config {
+        Config {
+            socket: socket.into(),
+            certs: certs.into(),
+            lock_wait: Duration::from_millis(100),
+            lease_timeout: Duration::from_millis(5000),
+            missing_certs: MissingCerts::Empty,
+            max_connections: 16,
+            max_leases: 64,
+            io_timeout: Duration::from_millis(5000),
+            allow_unsealed_memory: false,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! `coco-sidecar demo`: a whole certificate request flow on one machine, no hardware needed.
+//! It serves an embedded sample chain (labelled SAMPLE, NOT AMD) from a temporary directory
+//! and plays the VMM with the frontend client over real memfd guest memory.
+
+use std::fmt::Write as _;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::thread;
+
+use coco_protocol::exit::Abi;
+use coco_protocol::table::{CertKind, Table};
+use coco_protocol::{Frontend, MemoryRegion};
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::server::{Server, Shutdown};
+
+/// The sample chain: ARK and ASK (RSA-4096, RSASSA-PSS) and a P-384 VCEK, made by
+/// `backend/data/make-sample.sh`. Synthetic: not AMD's, attesting nothing.
+pub const SAMPLE_CERTS: [(CertKind, &[u8]); 3] = [
+    (CertKind::Ark, include_bytes!("../data/sample/ark.der")),
+    (CertKind::Ask, include_bytes!("../data/sample/ask.der")),
+    (CertKind::Vcek, include_bytes!("../data/sample/vcek.der")),
+];
+
+/// The sample certificate table.
+pub fn sample_table() -> Table {
+    let certs: Vec<_> = SAMPLE_CERTS
+        .iter()
+        .map(|(k, der)| (k.guid(), *der))
+        .collect();
+    // The embedded chain is fixed at build time and checked by the unit test below.
+    Table::build(&certs).unwrap_or_else(|_| Table::empty())
+}
+
+/// Why the demo failed.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Frontend(#[from] coco_protocol::FrontendError),
+    #[error("guest memory: {0}")]
+    Memfd(#[from] memfd::Error),
+    #[error("the guest received a table that does not parse: {0}")]
+    Table(#[from] coco_protocol::TableError),
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+const GUEST_RAM: u64 = 2 << 20;
+const BUFFER_GPA: u64 = 0x10_0000;
+
+/// Runs the demo and returns its report.
+pub fn run() -> Result<String, DemoError> {
+    let dir = std::env::temp_dir().join(format!("coco-sidecar-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io("temporary directory", e))?;
+    let result = run_in(dir.clone());
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(dir: PathBuf) -> Result<String, DemoError> {
+    let mut out = String::new();
+    let table = sample_table();
+    let blob = dir.join("certs.bin");
+    std::fs::write(&blob, table.as_bytes()).map_err(|e| DemoError::Io("writing the blob", e))?;
+    let socket = dir.join("sidecar.sock");
+    let server = Server::bind(Config::new(&socket, &blob))?;
+    let shutdown = Shutdown::new().map_err(|e| DemoError::Io("shutdown pipe", e))?;
+    let stop = shutdown
+        .handle()
+        .map_err(|e| DemoError::Io("shutdown pipe", e))?;
+    let serving = thread::spawn(move || server.run(&shutdown));
+
+    let flow = (|| -> Result<(), DemoError> {
+        let _ = writeln!(
+            out,
+            "coco-sidecar demo: serving a SAMPLE chain (not AMD's) from {}",
+            blob.display()
+        );
+        let _ = writeln!(
+            out,
+            "  blob: {} bytes, {} entries\n",
+            table.as_bytes().len(),
+            table.entries().len()
+        );
+
+        let ram = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("demo-guest-ram")?;
+        ram.as_file()
+            .set_len(GUEST_RAM)
+            .map_err(|e| DemoError::Io("sizing guest RAM", e))?;
+        ram.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])?;
+
+        let mut vmm = Frontend::connect(&socket)?;
+        let _ = writeln!(
+            out,
+            "VMM: connected, protocol features {:#x}",
+            vmm.protocol_features()
+        );
+        let caps = vmm.caps()?;
+        let _ = writeln!(
+            out,
+            "VMM: capabilities: ABIs {:#b}, COCO sub-types {:#b}, lease timeout {} ms",
+            caps.abis, caps.coco_subtypes, caps.lease_timeout_ms
+        );
+        vmm.set_mem_table(&[MemoryRegion {
+            guest_phys_addr: 0,
+            size: GUEST_RAM,
+            mmap_offset: 0,
+            userspace_addr: 0,
+            fd: ram.as_file().as_fd(),
+        }])?;
+        let _ = writeln!(
+            out,
+            "VMM: shared {} MiB of guest RAM as a memfd\n",
+            GUEST_RAM >> 20
+        );
+
+        for abi in Abi::ALL {
+            let _ = writeln!(out, "-- {abi:?} records --");
+            let probe = vmm.request_certs(abi, 0, BUFFER_GPA, 0)?;
+            let _ = writeln!(
+                out,
+                "guest: npages=0 probe            -> ret {:?}, npages {}",
+                probe.ret, probe.npages
+            );
+            let reply = vmm.request_certs(abi, 0, BUFFER_GPA, probe.npages)?;
+            let _ = writeln!(
+                out,
+                "guest: retry with npages={}       -> ret {:?}, lease {}",
+                probe.npages, reply.ret, reply.lease
+            );
+            let mut got = vec![0u8; table.as_bytes().len()];
+            ram.as_file()
+                .read_at(&mut got, BUFFER_GPA)
+                .map_err(|e| DemoError::Io("reading guest RAM", e))?;
+            let seen = Table::parse(&got)?;
+            if seen != table {
+                return Err(DemoError::Unexpected(
+                    "guest memory differs from the blob".into(),
+                ));
+            }
+            let _ = writeln!(out, "guest: table at {BUFFER_GPA:#x}:");
+            for e in seen.entries() {
+                let kind = e.kind().map_or("unknown", |k| k.name());
+                let _ = writeln!(
+                    out,
+                    "  {:<5} {}  offset {:5}  length {:5}",
+                    kind, e.guid, e.offset, e.length
+                );
+            }
+            let _ = writeln!(out, "  (terminator: 24 zero bytes)");
+            vmm.done(reply.lease)?;
+            let _ = writeln!(
+                out,
+                "VMM: request reached firmware -> DONE, lease {} released\n",
+                reply.lease
+            );
+        }
+        Ok(())
+    })();
+    stop.trigger();
+    match serving.join() {
+        Ok(r) => r?,
+        Err(_) => return Err(DemoError::Unexpected("the server thread panicked".into())),
+    }
+    flow?;
+    let _ = writeln!(
+        out,
+        "demo finished: the sidecar stopped and removed its socket."
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_chain_builds_a_two_page_table() {
+        let t = sample_table();
+        assert_eq!(t.entries().len(), 3);
+        assert_eq!(t.pages(), 2);
+    }
+}

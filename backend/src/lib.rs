@@ -1,0 +1,15 @@
+//! coco-sidecar: serves AMD SEV-SNP certificate tables to a VMM's guests over a
+//! vhost-user-framed Unix socket. `main.rs` only parses arguments; everything else is here.
+
+pub mod blob;
+pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod lease;
+pub mod memory;
+pub mod ofd;
+pub mod server;
+pub mod session;
+
+pub use config::{Config, MissingCerts};
+pub use server::{Server, ServerError, Shutdown, ShutdownHandle};

@@ -1,0 +1,229 @@
+//! One connection's protocol state and message handling, free of socket I/O so that it can be
+//! driven and tested message by message.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use coco_protocol::exit::{Abi, COCO_SUBTYPE_REQ_CERTS};
+use coco_protocol::wire::{
+    Caps, FrontendRequest, Header, Request, WireError, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, PF_COCO,
+    PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, SUPPORTED_PROTOCOL_FEATURES,
+};
+use log::{info, warn};
+
+use crate::blob::BlobStore;
+use crate::certs;
+use crate::config::Config;
+use crate::lease::Leases;
+use crate::memory::GuestRam;
+
+/// What the transport does after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send this reply.
+    Reply(Header, Vec<u8>),
+    /// Nothing to send.
+    Quiet,
+    /// Close the connection; the reason is logged.
+    Close(String),
+}
+
+/// Per-connection state.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    store: Arc<BlobStore>,
+    ram: GuestRam,
+    leases: Leases,
+    lease_timeout_ms: u32,
+    max_leases: u32,
+    protocol_features: Option<u64>,
+}
+
+impl Session {
+    /// A fresh connection.
+    pub fn new(id: u64, config: &Config, store: Arc<BlobStore>) -> Session {
+        Session {
+            id,
+            store,
+            ram: GuestRam::new(config.allow_unsealed_memory),
+            leases: Leases::new(config.max_leases, config.lease_timeout),
+            lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
+            max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
+            protocol_features: None,
+        }
+    }
+
+    /// The earliest lease deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.leases.next_deadline()
+    }
+
+    /// Drops expired leases.
+    pub fn expire(&mut self, now: Instant) {
+        for (lease, vcpu) in self.leases.expire(now) {
+            warn!("connection {}: lease {lease} of vcpu {vcpu} timed out without COCO_DONE; lock released", self.id);
+        }
+    }
+
+    /// Leases held now.
+    pub fn leases_held(&self) -> usize {
+        self.leases.len()
+    }
+
+    fn has(&self, feature: u64) -> bool {
+        self.protocol_features.is_some_and(|f| f & feature != 0)
+    }
+
+    fn ack(&self, header: &Header, request: Request, errno: i32) -> Outcome {
+        if header.need_reply() && self.has(PF_REPLY_ACK) {
+            Outcome::Reply(
+                Header::reply(request, 8),
+                (errno as u64).to_le_bytes().to_vec(),
+            )
+        } else {
+            Outcome::Quiet
+        }
+    }
+
+    /// A request that failed on its meaning: an error acknowledgement when the frontend asked
+    /// for one, otherwise the connection is closed (the frontend would not learn of it).
+    fn refuse(&self, header: &Header, request: Request, errno: i32, why: String) -> Outcome {
+        if header.need_reply() && self.has(PF_REPLY_ACK) {
+            warn!("connection {}: {request:?} refused: {why}", self.id);
+            self.ack(header, request, errno)
+        } else {
+            Outcome::Close(format!("{request:?} refused without NEED_REPLY: {why}"))
+        }
+    }
+
+    fn u64_reply(request: Request, value: u64) -> Outcome {
+        Outcome::Reply(Header::reply(request, 8), value.to_le_bytes().to_vec())
+    }
+
+    /// Handles one received message.
+    pub fn handle(&mut self, header: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Outcome {
+        let msg = match FrontendRequest::decode(header, payload, fds.len()) {
+            Ok(m) => m,
+            Err(e) => return Outcome::Close(e.to_string()),
+        };
+        let request = msg.request();
+        let needs = match request {
+            Request::GetFeatures | Request::SetFeatures | Request::SetOwner => None,
+            Request::GetProtocolFeatures | Request::SetProtocolFeatures => None,
+            Request::GetMaxMemSlots | Request::AddMemReg | Request::RemMemReg => {
+                Some((PF_CONFIGURE_MEM_SLOTS, "CONFIGURE_MEM_SLOTS"))
+            }
+            Request::SetMemTable | Request::CocoGetCaps | Request::CocoExit | Request::CocoDone => {
+                Some((PF_COCO, "COCO"))
+            }
+        };
+        if let Some((feature, name)) = needs {
+            if !self.has(PF_COCO) || !self.has(feature) {
+                return Outcome::Close(format!(
+                    "{request:?} before the {name} protocol feature was negotiated"
+                ));
+            }
+        }
+        match msg {
+            FrontendRequest::GetFeatures => Self::u64_reply(request, F_PROTOCOL_FEATURES),
+            FrontendRequest::SetFeatures(f) => {
+                if f & !F_PROTOCOL_FEATURES != 0 {
+                    return self.refuse(
+                        header,
+                        request,
+                        libc::EINVAL,
+                        format!("features {f:#x} were not offered"),
+                    );
+                }
+                self.ack(header, request, 0)
+            }
+            FrontendRequest::SetOwner => self.ack(header, request, 0),
+            FrontendRequest::GetProtocolFeatures => {
+                Self::u64_reply(request, SUPPORTED_PROTOCOL_FEATURES)
+            }
+            FrontendRequest::SetProtocolFeatures(f) => {
+                if self.protocol_features.is_some() {
+                    return Outcome::Close("SET_PROTOCOL_FEATURES sent twice".into());
+                }
+                if f & !SUPPORTED_PROTOCOL_FEATURES != 0 {
+                    return Outcome::Close(format!("protocol features {f:#x} were not offered"));
+                }
+                self.protocol_features = Some(f);
+                self.ack(header, request, 0)
+            }
+            FrontendRequest::GetMaxMemSlots => Self::u64_reply(request, MAX_MEM_SLOTS),
+            FrontendRequest::SetMemTable(descs) => match self.ram.set_table(&descs, fds) {
+                Ok(()) => {
+                    info!(
+                        "connection {}: memory table set, {} regions",
+                        self.id,
+                        descs.len()
+                    );
+                    self.ack(header, request, 0)
+                }
+                Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+            },
+            FrontendRequest::AddMemReg(desc) => {
+                let Some(fd) = fds.into_iter().next() else {
+                    return Outcome::Close(
+                        WireError::FdCount {
+                            request,
+                            got: 0,
+                            want: "1",
+                        }
+                        .to_string(),
+                    );
+                };
+                match self.ram.add(&desc, fd) {
+                    Ok(()) => {
+                        info!(
+                            "connection {}: region added at {:#x}, {:#x} bytes",
+                            self.id, desc.guest_phys_addr, desc.memory_size
+                        );
+                        self.ack(header, request, 0)
+                    }
+                    Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+                }
+            }
+            FrontendRequest::RemMemReg(desc) => match self.ram.remove(&desc) {
+                Ok(()) => {
+                    info!(
+                        "connection {}: region removed at {:#x}, {:#x} bytes",
+                        self.id, desc.guest_phys_addr, desc.memory_size
+                    );
+                    self.ack(header, request, 0)
+                }
+                Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+            },
+            FrontendRequest::CocoGetCaps => {
+                let caps = Caps {
+                    abis: Abi::ALL.iter().fold(0, |bits, abi| bits | abi.cap_bit()),
+                    coco_subtypes: COCO_SUBTYPE_REQ_CERTS,
+                    max_leases: self.max_leases,
+                    lease_timeout_ms: self.lease_timeout_ms,
+                };
+                let payload = caps.encode();
+                Outcome::Reply(Header::reply(request, payload.len()), payload)
+            }
+            FrontendRequest::CocoExit(exit) => {
+                let reply = certs::answer(exit, &self.store, &self.ram, &mut self.leases);
+                let payload = reply.encode();
+                Outcome::Reply(Header::reply(request, payload.len()), payload)
+            }
+            FrontendRequest::CocoDone(lease) => {
+                if self.leases.release(lease) {
+                    self.ack(header, request, 0)
+                } else {
+                    // Expired or never granted: harmless, but the frontend may want to know.
+                    log::debug!(
+                        "connection {}: COCO_DONE for unknown lease {lease}",
+                        self.id
+                    );
+                    self.ack(header, request, libc::ENOENT)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Sending and receiving one framed message, with file descriptors, over a Unix stream socket.
+//! Shared by the frontend client and the sidecar so that both frame bytes the same way.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use thiserror::Error;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::wire::{Header, WireError, HEADER_SIZE, MAX_FDS};
+
+/// Why a message could not be sent or received.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// The socket failed (including a receive timeout).
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection in the middle of a message.
+    #[error("peer closed the connection after {got} of {want} bytes")]
+    Truncated { got: usize, want: usize },
+    /// More file descriptors than any message may carry; all of them were closed.
+    #[error("more than {MAX_FDS} file descriptors sent with one message")]
+    TooManyFds,
+    /// The header is malformed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Received {
+    /// The validated header.
+    pub header: Header,
+    /// Exactly `header.size` bytes.
+    pub payload: Vec<u8>,
+    /// Every file descriptor that arrived with the message, owned.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reads into `buf` completely, collecting any file descriptors that arrive on the way.
+/// Returns the bytes read, which is less than `buf.len()` only at end of stream.
+fn read_full(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, TransportError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+        let mut iov = [libc::iovec {
+            iov_base: buf[got..].as_mut_ptr().cast(),
+            iov_len: buf.len() - got,
+        }];
+        // SAFETY: the iovec points into `buf[got..]`, which we borrow mutably for the call and
+        // into which arbitrary bytes may be written.
+        let res = unsafe { stream.recv_with_fds(&mut iov, &mut raw) };
+        match res {
+            Ok((n, nfds)) => {
+                for fd in &raw[..nfds] {
+                    // SAFETY: recv_with_fds hands us ownership of the `nfds` descriptors it
+                    // received; each is wrapped exactly once.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(*fd) });
+                }
+                if n == 0 {
+                    return Ok(got);
+                }
+                got += n;
+            }
+            Err(e) if e.errno() == libc::EINTR => continue,
+            // vmm-sys-util reports a truncated control message (it closed the fds) as ENOBUFS.
+            Err(e) if e.errno() == libc::ENOBUFS => return Err(TransportError::TooManyFds),
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    }
+    Ok(got)
+}
+
+/// Receives one message. `Ok(None)` is a clean end of stream between messages.
+pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, TransportError> {
+    let mut fds = Vec::new();
+    let mut hdr = [0u8; HEADER_SIZE];
+    match read_full(stream, &mut hdr, &mut fds)? {
+        0 if fds.is_empty() => return Ok(None),
+        n if n < HEADER_SIZE => {
+            return Err(TransportError::Truncated {
+                got: n,
+                want: HEADER_SIZE,
+            })
+        }
+        _ => {}
+    }
+    let header = Header::decode(&hdr)?;
+    let mut payload = vec![0u8; header.size as usize];
+    let n = read_full(stream, &mut payload, &mut fds)?;
+    if n < payload.len() {
+        return Err(TransportError::Truncated {
+            got: HEADER_SIZE + n,
+            want: HEADER_SIZE + payload.len(),
+        });
+    }
+    if fds.len() > MAX_FDS {
+        return Err(TransportError::TooManyFds);
+    }
+    Ok(Some(Received {
+        header,
+        payload,
+        fds,
+    }))
+}
+
+/// Sends one message; the file descriptors travel with its first byte.
+pub fn send_message(
+    stream: &UnixStream,
+    header: &Header,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> Result<(), TransportError> {
+    let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
+    bytes.extend_from_slice(&header.encode());
+    bytes.extend_from_slice(payload);
+    send_bytes(stream, &bytes, fds)
+}
+
+/// Sends raw bytes with file descriptors: for peers that frame messages themselves, and for
+/// tests that must send what no well-behaved peer would.
+pub fn send_bytes(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<(), TransportError> {
+    let sent = loop {
+        match stream.send_with_fds(&[bytes], fds) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    let mut rest = &bytes[sent..];
+    let mut s = stream;
+    while !rest.is_empty() {
+        match s.write(rest) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Reads and discards bytes until end of stream; returns how many arrived. For tests that
+/// check a peer closed the connection.
+pub fn drain(stream: &UnixStream) -> io::Result<usize> {
+    let mut total = 0;
+    let mut buf = [0u8; 512];
+    let mut s = stream;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Request;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn message_with_fds_round_trips() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let f = std::fs::File::open("/dev/null").expect("open");
+        let h = Header::request(Request::AddMemReg, 3, true);
+        send_message(&a, &h, &[1, 2, 3], &[f.as_raw_fd()]).expect("send");
+        let m = recv_message(&b).expect("recv").expect("message");
+        assert_eq!(m.header, h);
+        assert_eq!(m.payload, vec![1, 2, 3]);
+        assert_eq!(m.fds.len(), 1);
+        drop(a);
+        assert!(recv_message(&b).expect("eof").is_none());
+    }
+
+    #[test]
+    fn truncated_and_fd_flood_are_errors() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        send_bytes(
+            &a,
+            &Header::request(Request::SetFeatures, 8, false).encode(),
+            &[],
+        )
+        .expect("send");
+        send_bytes(&a, &[1, 2, 3], &[]).expect("send");
+        drop(a);
+        assert!(matches!(
+            recv_message(&b),
+            Err(TransportError::Truncated { got: 15, want: 20 })
+        ));
+
+        let (a, b) = UnixStream::pair().expect("pair");
+        let f = std::fs::File::open("/dev/null").expect("open");
+        let nine = [f.as_raw_fd(); 9];
+        send_message(
+            &a,
+            &Header::request(Request::GetFeatures, 0, false),
+            &[],
+            &nine,
+        )
+        .expect("send");
+        assert!(matches!(recv_message(&b), Err(TransportError::TooManyFds)));
+    }
+}
