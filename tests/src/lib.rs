@@ -1,1 +1,304 @@
+//! Support for the end-to-end tests: the real `coco-sidecar` binary in a temporary directory,
+//! memfd guest memory, and a second process holding OFD locks.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use coco_protocol::table::{CertKind, Table};
+use coco_protocol::{Frontend, MemoryRegion};
+
+/// A binary of this workspace, next to the test executable's `deps` directory, or from the
+/// environment variable `var` when set.
+pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --workspace --bins) or set {var}",
+        bin.display()
+    );
+    bin
+}
+
+/// Path of the `coco-sidecar` binary under test (`COCO_SIDECAR_BIN` overrides).
+pub fn sidecar_bin() -> PathBuf {
+    workspace_bin("coco-sidecar", "COCO_SIDECAR_BIN")
+}
+
+fn locker_bin() -> PathBuf {
+    workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN")
+}
+
+/// A running `coco-sidecar serve` in its own temporary directory.
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Option<Child>,
+    /// The listening socket.
+    pub socket: PathBuf,
+    /// The blob path it serves.
+    pub certs: PathBuf,
+    log: PathBuf,
+    /// The temporary directory holding socket, log (and usually the blob).
+    pub dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts the sidecar serving `certs` with extra arguments, and waits until it accepts.
+    pub fn start(certs: &Path, extra: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Sidecar::start_in(dir, certs, extra)
+    }
+
+    /// Like [`Sidecar::start`], in a given directory.
+    pub fn start_in(dir: tempfile::TempDir, certs: &Path, extra: &[&str]) -> Sidecar {
+        let socket = dir.path().join("sidecar.sock");
+        let log = dir.path().join("sidecar.log");
+        let child = Command::new(sidecar_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--certs")
+            .arg(certs)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn coco-sidecar");
+        let mut s = Sidecar {
+            child: Some(child),
+            socket,
+            certs: certs.to_owned(),
+            log,
+            dir,
+        };
+        s.wait_accepting();
+        s
+    }
+
+    fn wait_accepting(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("coco-sidecar exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("coco-sidecar did not accept within 10 s:\n{}", self.log());
+    }
+
+    /// A negotiated frontend connection.
+    pub fn connect(&self) -> Frontend {
+        Frontend::connect(&self.socket).expect("connect and negotiate")
+    }
+
+    /// A raw connection, for sending malformed bytes.
+    pub fn raw(&self) -> std::os::unix::net::UnixStream {
+        std::os::unix::net::UnixStream::connect(&self.socket).expect("connect")
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Everything the sidecar logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Guest RAM: a shrink-sealed memfd.
+#[derive(Debug)]
+pub struct GuestMem {
+    /// The memfd.
+    pub memfd: memfd::Memfd,
+    /// Its size.
+    pub size: u64,
+}
+
+impl GuestMem {
+    /// A sealed memfd of `size` bytes filled with `fill`.
+    pub fn new(size: u64, fill: u8) -> GuestMem {
+        let memfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("guest")
+            .expect("memfd");
+        memfd.as_file().set_len(size).expect("size");
+        memfd
+            .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+            .expect("seal");
+        let g = GuestMem { memfd, size };
+        g.write(0, &vec![fill; size as usize]);
+        g
+    }
+
+    /// The whole memfd as one region at `gpa`.
+    pub fn region(&self, gpa: u64) -> MemoryRegion<'_> {
+        MemoryRegion {
+            guest_phys_addr: gpa,
+            size: self.size,
+            mmap_offset: 0,
+            userspace_addr: 0,
+            fd: self.memfd.as_file().as_fd(),
+        }
+    }
+
+    /// Reads `len` bytes at file offset `at`.
+    pub fn read(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.memfd
+            .as_file()
+            .read_exact_at(&mut buf, at)
+            .expect("read memfd");
+        buf
+    }
+
+    /// Writes at file offset `at`.
+    pub fn write(&self, at: u64, data: &[u8]) {
+        self.memfd
+            .as_file()
+            .write_all_at(data, at)
+            .expect("write memfd");
+    }
+}
+
+/// Another process holding an OFD lock until dropped.
+#[derive(Debug)]
+pub struct HeldLock {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl HeldLock {
+    /// Takes `kind` ("shared" or "exclusive") on `path` in a new process; returns once held.
+    pub fn take(kind: &str, path: &Path) -> HeldLock {
+        let mut child = Command::new(locker_bin())
+            .args(["hold", kind])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn locker");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read locker");
+        assert_eq!(
+            line.trim(),
+            "locked",
+            "the locker could not take the {kind} lock"
+        );
+        let stdin = child.stdin.take();
+        HeldLock { child, stdin }
+    }
+
+    /// Releases the lock and waits for the process to end.
+    pub fn release(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Whether another process can take the exclusive lock on `path` right now.
+pub fn exclusive_lock_free(path: &Path) -> bool {
+    let status = Command::new(locker_bin())
+        .args(["try", "exclusive"])
+        .arg(path)
+        .status()
+        .expect("run locker");
+    match status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        other => panic!("locker failed: {other:?}"),
+    }
+}
+
+/// A DER SEQUENCE of exactly `len` bytes (len >= 260), filled with `fill`.
+pub fn der_blob(len: usize, fill: u8) -> Vec<u8> {
+    assert!((260..=0xffff + 4).contains(&len));
+    let content = len - 4;
+    let mut v = vec![0x30, 0x82, (content >> 8) as u8, content as u8];
+    v.resize(len, fill);
+    v
+}
+
+/// A valid table of exactly `total` bytes: ARK, ASK and VCEK entries of synthetic DER.
+pub fn table_of_size(total: usize, fill: u8) -> Vec<u8> {
+    let header = 4 * 24;
+    let data = total - header;
+    let (a, b) = (data / 3, data / 3);
+    let c = data - a - b;
+    let certs = [
+        (CertKind::Ark.guid(), der_blob(a, fill)),
+        (CertKind::Ask.guid(), der_blob(b, fill.wrapping_add(1))),
+        (CertKind::Vcek.guid(), der_blob(c, fill.wrapping_add(2))),
+    ];
+    let refs: Vec<_> = certs.iter().map(|(g, d)| (*g, d.as_slice())).collect();
+    let t = Table::build(&refs).expect("valid table").into_bytes();
+    assert_eq!(t.len(), total);
+    t
+}
+
+/// Writes `bytes` as the blob `name` in `dir` and returns its path.
+pub fn write_blob(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write blob");
+    p
+}

@@ -1,0 +1,72 @@
+//! A second process that takes OFD locks on a file, for tests that must see the sidecar's
+//! locks from outside its process (OFD locks never conflict within one open file).
+//!
+//! `coco-test-locker hold shared|exclusive PATH`: takes the lock (waiting up to 10 s), prints
+//! `locked`, holds it until stdin closes or says anything, then exits 0.
+//! `coco-test-locker try shared|exclusive PATH`: exit 0 if the lock could be taken at once,
+//! 1 if another open file holds a conflicting lock, 2 on error.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use coco_sidecar::ofd::{self, LockKind};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(mode), Some(kind), Some(path)) = (args.get(1), args.get(2), args.get(3)) else {
+        eprintln!("usage: coco-test-locker hold|try shared|exclusive PATH");
+        return ExitCode::from(2);
+    };
+    let kind = match kind.as_str() {
+        "shared" => LockKind::Shared,
+        "exclusive" => LockKind::Exclusive,
+        other => {
+            eprintln!("unknown lock kind {other}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(kind == LockKind::Exclusive)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("open {path}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match mode.as_str() {
+        "try" => match ofd::try_lock(&file, kind) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("lock: {e}");
+                ExitCode::from(2)
+            }
+        },
+        "hold" => {
+            match ofd::lock_within(&file, kind, Duration::from_secs(10)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    eprintln!("lock not available within 10 s");
+                    return ExitCode::from(1);
+                }
+                Err(e) => {
+                    eprintln!("lock: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            println!("locked");
+            let _ = std::io::stdout().flush();
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("unknown mode {other}");
+            ExitCode::from(2)
+        }
+    }
+}
