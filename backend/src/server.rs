@@ -225,12 +225,14 @@ impl Server {
             let active = Arc::clone(&active);
             move || {
                 info!("connection {id}: accepted");
-                let why = serve_connection(&stream, session, io_timeout);
-                active.fetch_sub(1, Ordering::SeqCst);
-                match why {
+                match serve_connection(&stream, session, io_timeout) {
                     Ok(()) => info!("connection {id}: closed by peer"),
                     Err(e) => warn!("connection {id}: dropped: {e}"),
                 }
+                // The accept loop keeps a clone of this socket for shutdown; without this the
+                // peer would not see the close until that clone is pruned.
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                active.fetch_sub(1, Ordering::SeqCst);
             }
         });
         match spawned {

@@ -63,6 +63,16 @@ impl Sidecar {
     /// Like [`Sidecar::start`], in a given directory.
     pub fn start_in(dir: tempfile::TempDir, certs: &Path, extra: &[&str]) -> Sidecar {
         let socket = dir.path().join("sidecar.sock");
+        Sidecar::start_at(dir, socket, certs, extra)
+    }
+
+    /// Like [`Sidecar::start_in`], listening on `socket`.
+    pub fn start_at(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        certs: &Path,
+        extra: &[&str],
+    ) -> Sidecar {
         let log = dir.path().join("sidecar.log");
         let child = Command::new(sidecar_bin())
             .arg("serve")

@@ -1,0 +1,804 @@
+//! End-to-end: the real `coco-sidecar serve` binary, driven over its real socket with real
+//! memfd guest memory, and OFD locks taken by a second process.
+
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use coco_protocol::exit::Abi;
+use coco_protocol::transport::{self, send_bytes};
+use coco_protocol::wire::{self, Header, RegionDesc, Request, HEADER_SIZE};
+use coco_protocol::{CertsRet, FrontendError};
+use coco_tests::{exclusive_lock_free, table_of_size, write_blob, GuestMem, HeldLock, Sidecar};
+
+const CANARY: u8 = 0xa5;
+const RAM: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+fn blob_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Waits (bounded) for a condition that another process brings about asynchronously.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("not within 10 s: {what}");
+}
+
+fn assert_untouched(mem: &GuestMem) {
+    let all = mem.read(0, mem.size as usize);
+    if let Some(at) = all.iter().position(|b| *b != CANARY) {
+        panic!("guest memory was written at {at:#x}");
+    }
+}
+
+#[test]
+fn success_writes_the_exact_table_and_nothing_else() {
+    let dir = blob_dir();
+    let table = table_of_size(5000, 1);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &[]);
+    for abi in Abi::ALL {
+        let mem = GuestMem::new(RAM, CANARY);
+        let mut vmm = sidecar.connect();
+        vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+        let gpa = 0x4000;
+        let reply = vmm.request_certs(abi, 0, gpa, 2).expect("request");
+        assert_eq!(reply.ret, CertsRet::Ok, "{abi:?}");
+        assert_ne!(reply.lease, 0, "a locked blob gives a lease");
+        assert_eq!(
+            mem.read(gpa, table.len()),
+            table,
+            "{abi:?}: table byte for byte"
+        );
+        assert_eq!(mem.read(gpa - 1, 1), [CANARY], "byte before the buffer");
+        let tail = mem.read(gpa + table.len() as u64, (2 * PAGE) as usize - table.len());
+        assert!(
+            tail.iter().all(|b| *b == CANARY),
+            "buffer past the table untouched"
+        );
+        assert_eq!(
+            mem.read(gpa + 2 * PAGE, 1),
+            [CANARY],
+            "byte after the buffer"
+        );
+        vmm.done(reply.lease).expect("done");
+    }
+}
+
+#[test]
+fn enospc_reports_the_exact_page_count() {
+    let dir = blob_dir();
+    for (size, pages) in [(5000usize, 2u64), (8192, 2), (4096, 1), (4097, 2)] {
+        let blob = write_blob(
+            dir.path(),
+            &format!("certs-{size}.bin"),
+            &table_of_size(size, 7),
+        );
+        let sidecar = Sidecar::start(&blob, &[]);
+        let mut vmm = sidecar.connect();
+        for abi in Abi::ALL {
+            let mem = GuestMem::new(RAM, CANARY);
+            vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+            for offered in [0, pages - 1] {
+                let r = vmm.request_certs(abi, 1, 0x8000, offered).expect("request");
+                assert_eq!(
+                    (r.ret, r.npages, r.lease),
+                    (CertsRet::NoSpace, pages, 0),
+                    "{size}-byte table, {offered} pages offered, {abi:?}"
+                );
+            }
+            assert_untouched(&mem);
+            let r = vmm.request_certs(abi, 1, 0x8000, pages).expect("request");
+            assert_eq!(r.ret, CertsRet::Ok, "{size}-byte table in {pages} pages");
+            vmm.done(r.lease).expect("done");
+        }
+    }
+}
+
+#[test]
+fn missing_blob_serves_the_empty_table() {
+    let dir = blob_dir();
+    let sidecar = Sidecar::start(&dir.path().join("absent.bin"), &[]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    for abi in Abi::ALL {
+        let probe = vmm.request_certs(abi, 0, 0x2000, 0).expect("probe");
+        assert_eq!((probe.ret, probe.npages), (CertsRet::NoSpace, 1));
+        let r = vmm.request_certs(abi, 0, 0x2000, 1).expect("request");
+        assert_eq!((r.ret, r.lease), (CertsRet::Ok, 0), "no file, no lease");
+        assert_eq!(mem.read(0x2000, 24), [0u8; 24]);
+        assert_eq!(mem.read(0x2000 + 24, 1), [CANARY]);
+    }
+}
+
+#[test]
+fn missing_blob_policies_again_and_eio() {
+    let dir = blob_dir();
+    let absent = dir.path().join("absent.bin");
+    for (policy, want) in [("again", CertsRet::Again), ("eio", CertsRet::Io)] {
+        let sidecar = Sidecar::start(&absent, &["--missing-certs", policy]);
+        let mem = GuestMem::new(RAM, CANARY);
+        let mut vmm = sidecar.connect();
+        vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, 0, 0x2000, 1)
+            .expect("request");
+        assert_eq!(r.ret, want, "--missing-certs {policy}");
+        assert_untouched(&mem);
+    }
+}
+
+#[test]
+fn eagain_while_an_updater_holds_the_lock_then_success() {
+    let dir = blob_dir();
+    let table = table_of_size(3000, 3);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &["--lock-wait-ms", "50"]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let updater = HeldLock::take("exclusive", &blob);
+    for abi in Abi::ALL {
+        let r = vmm.request_certs(abi, 0, 0x1000, 1).expect("request");
+        assert_eq!(
+            (r.ret, r.lease),
+            (CertsRet::Again, 0),
+            "{abi:?} while locked"
+        );
+    }
+    assert_untouched(&mem);
+    updater.release();
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0x1000, table.len()), table);
+}
+
+#[test]
+fn lease_blocks_updaters_until_done() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 4));
+    let sidecar = Sidecar::start(&blob, &[]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    assert!(exclusive_lock_free(&blob), "no lock before any request");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 2, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert!(
+        !exclusive_lock_free(&blob),
+        "the lease holds the shared lock"
+    );
+    vmm.done(r.lease).expect("done");
+    assert!(exclusive_lock_free(&blob), "DONE released it");
+    // DONE of a lease that no longer exists is reported, not fatal.
+    match vmm.done(r.lease) {
+        Err(FrontendError::Rejected { errno, .. }) => assert_eq!(errno, libc::ENOENT as u64),
+        other => panic!("expected ENOENT, got {other:?}"),
+    }
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 2, 0x1000, 1)
+        .expect("connection still usable");
+    assert_eq!(r.ret, CertsRet::Ok);
+}
+
+#[test]
+fn lease_released_when_the_client_disconnects() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
+    let sidecar = Sidecar::start(&blob, &[]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert!(!exclusive_lock_free(&blob));
+    drop(vmm);
+    eventually("lock released after disconnect", || {
+        exclusive_lock_free(&blob)
+    });
+}
+
+#[test]
+fn lease_released_after_the_timeout() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 6));
+    let sidecar = Sidecar::start(&blob, &["--lease-timeout-ms", "300"]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    assert_eq!(vmm.caps().expect("caps").lease_timeout_ms, 300);
+    let granted = Instant::now();
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert!(!exclusive_lock_free(&blob));
+    eventually("lock released by the lease timeout", || {
+        exclusive_lock_free(&blob)
+    });
+    assert!(
+        granted.elapsed() >= Duration::from_millis(300),
+        "not before the timeout"
+    );
+    assert!(
+        sidecar.log().contains("timed out without COCO_DONE"),
+        "{}",
+        sidecar.log()
+    );
+    // The connection itself is still good.
+    assert_eq!(
+        vmm.request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+            .expect("request")
+            .ret,
+        CertsRet::Ok
+    );
+}
+
+#[test]
+fn a_new_request_of_the_same_vcpu_replaces_its_lease() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 6));
+    let sidecar = Sidecar::start(&blob, &["--max-leases", "1"]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let first = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    let again = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(
+        again.ret,
+        CertsRet::Ok,
+        "same vcpu: its old lease is dropped"
+    );
+    assert_ne!(first.lease, again.lease);
+    let other = vmm
+        .request_certs(Abi::CocoRfc, 1, 0x1000, 1)
+        .expect("request");
+    assert_eq!(
+        other.ret,
+        CertsRet::Again,
+        "another vcpu: the one lease slot is taken"
+    );
+    vmm.done(again.lease).expect("done");
+    assert_eq!(
+        vmm.request_certs(Abi::CocoRfc, 1, 0x1000, 1)
+            .expect("request")
+            .ret,
+        CertsRet::Ok
+    );
+}
+
+#[test]
+fn bad_buffers_get_eio_and_no_write() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 8));
+    let sidecar = Sidecar::start(&blob, &[]);
+    let low = GuestMem::new(RAM, CANARY);
+    let high = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    // RAM at [0, 1 MiB) and [2 MiB, 3 MiB): a hole between them.
+    vmm.set_mem_table(&[low.region(0), high.region(2 * RAM)])
+        .expect("memory");
+    let cases: [(&str, Abi, u64, u64); 6] = [
+        ("unaligned gpa", Abi::SnpReqCerts, 0x1001, 1),
+        ("outside every region", Abi::SnpReqCerts, 16 * RAM, 1),
+        ("inside the hole", Abi::CocoRfc, RAM + 0x1000, 1),
+        (
+            "crossing the end of a region",
+            Abi::SnpReqCerts,
+            RAM - PAGE,
+            2,
+        ),
+        (
+            "crossing the end of guest RAM",
+            Abi::CocoRfc,
+            3 * RAM - PAGE,
+            2,
+        ),
+        ("absurd npages", Abi::SnpReqCerts, 0, u64::MAX / 2),
+    ];
+    for (what, abi, gpa, npages) in cases {
+        let r = vmm.request_certs(abi, 0, gpa, npages).expect("request");
+        assert_eq!((r.ret, r.lease), (CertsRet::Io, 0), "{what}");
+    }
+    // A gfn so large that gfn * 4096 overflows, in the seed ABI's record.
+    let mut record = coco_protocol::exit::build_request(Abi::CocoRfc, 0, 1);
+    record[16..24].copy_from_slice(&(u64::MAX / 16).to_le_bytes());
+    let reply = vmm
+        .forward_exit(Abi::CocoRfc.tag(), 0, &record)
+        .expect("exit");
+    assert_eq!(
+        reply.record[8..12],
+        5u32.to_le_bytes(),
+        "gfn overflow is EIO"
+    );
+    assert_untouched(&low);
+    assert_untouched(&high);
+    assert!(exclusive_lock_free(&blob), "no lease for a failed request");
+}
+
+#[test]
+fn unknown_abi_and_subtype_get_a_status_not_an_answer() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 8));
+    let sidecar = Sidecar::start(&blob, &[]);
+    let mut vmm = sidecar.connect();
+    let r = vmm.forward_exit(9, 0, &[0u8; 24]).expect("exit");
+    assert_eq!((r.status, r.record), (libc::ENOTSUP as u32, vec![0u8; 24]));
+    let mut rfc = coco_protocol::exit::build_request(Abi::CocoRfc, 0, 1);
+    rfc[0] = 1; // a COCO sub-type other than REQ_CERTS
+    let r = vmm.forward_exit(Abi::CocoRfc.tag(), 0, &rfc).expect("exit");
+    assert_eq!((r.status, &r.record), (libc::ENOTSUP as u32, &rfc));
+    let r = vmm
+        .forward_exit(Abi::SnpReqCerts.tag(), 0, &[0u8; 32])
+        .expect("exit");
+    assert_eq!(
+        r.status,
+        libc::EINVAL as u32,
+        "wrong record size for the ABI"
+    );
+}
+
+/// Sends `bytes` (and `fds`) on a fresh, negotiated connection and checks that the sidecar
+/// closes it, then that the sidecar still serves a well-behaved client.
+fn assert_closes(sidecar: &mut Sidecar, what: &str, bytes: &[u8], fds: &[i32], half_close: bool) {
+    let vmm = sidecar.connect();
+    let stream = vmm.stream();
+    send_bytes(stream, bytes, fds).expect("send");
+    if half_close {
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let n = transport::drain(stream).unwrap_or_else(|e| panic!("{what}: not closed: {e}"));
+    assert_eq!(n, 0, "{what}: no reply bytes before the close");
+    assert!(sidecar.alive(), "{what}: the sidecar died");
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut good = sidecar.connect();
+    good.set_mem_table(&[mem.region(0)]).expect("memory");
+    let r = good
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok, "{what}: a second connection is served");
+    good.done(r.lease).expect("done");
+}
+
+fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
+    Header {
+        request,
+        flags,
+        size,
+    }
+    .encode()
+    .to_vec()
+}
+
+#[test]
+fn malformed_messages_close_only_their_connection() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 9));
+    let mut sidecar = Sidecar::start(&blob, &[]);
+    let devnull = std::fs::File::open("/dev/null").expect("open");
+    let fd = devnull.as_raw_fd();
+    let get_features = Request::GetFeatures as u32;
+    let caps = Request::CocoGetCaps as u32;
+    let cases: Vec<(&str, Vec<u8>, Vec<i32>, bool)> = vec![
+        ("version 0", header(get_features, 0, 0), vec![], false),
+        ("version 2", header(get_features, 2, 0), vec![], false),
+        (
+            "unknown flag bit",
+            header(get_features, 1 | 0x100, 0),
+            vec![],
+            false,
+        ),
+        (
+            "REPLY on a request",
+            header(get_features, 1 | 4, 0),
+            vec![],
+            false,
+        ),
+        ("size over the limit", header(caps, 1, 4097), vec![], false),
+        ("unknown code", header(0x1234_5678, 1, 0), vec![], false),
+        (
+            "payload on an empty request",
+            [header(caps, 1, 4), vec![0; 4]].concat(),
+            vec![],
+            false,
+        ),
+        (
+            "truncated payload",
+            [header(Request::CocoDone as u32, 1, 8), vec![0; 3]].concat(),
+            vec![],
+            true,
+        ),
+        (
+            "truncated header",
+            header(caps, 1, 0)[..7].to_vec(),
+            vec![],
+            true,
+        ),
+        ("extra fd", header(caps, 1, 0), vec![fd], false),
+        ("nine fds", header(caps, 1, 0), vec![fd; 9], false),
+        (
+            "ADD_MEM_REG without its fd",
+            [
+                header(Request::AddMemReg as u32, 1, 40),
+                wire::encode_mem_reg(&RegionDesc {
+                    memory_size: 4096,
+                    ..Default::default()
+                }),
+            ]
+            .concat(),
+            vec![],
+            false,
+        ),
+        (
+            "SET_MEM_TABLE with fewer fds than regions",
+            [
+                header(Request::SetMemTable as u32, 1, 40),
+                wire::encode_mem_table(&[RegionDesc {
+                    memory_size: 4096,
+                    ..Default::default()
+                }]),
+            ]
+            .concat(),
+            vec![],
+            false,
+        ),
+        (
+            "COCO_EXIT record larger than 64 bytes",
+            {
+                let mut p = vec![0u8; 24 + 65];
+                p[8..12].copy_from_slice(&65u32.to_le_bytes());
+                [header(Request::CocoExit as u32, 1, p.len() as u32), p].concat()
+            },
+            vec![],
+            false,
+        ),
+        (
+            "SET_PROTOCOL_FEATURES twice",
+            [
+                header(Request::SetProtocolFeatures as u32, 1, 8),
+                wire::PF_COCO.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+            vec![],
+            false,
+        ),
+    ];
+    for (what, bytes, fds, half_close) in cases {
+        assert_closes(&mut sidecar, what, &bytes, &fds, half_close);
+    }
+    // COCO requests before negotiation: a raw connection that skips the handshake.
+    let raw = sidecar.raw();
+    send_bytes(&raw, &header(caps, 1, 0), &[]).expect("send");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(
+        transport::drain(&raw).expect("closed"),
+        0,
+        "COCO before negotiation"
+    );
+    let log = sidecar.log();
+    for reason in [
+        "version bits",
+        "unknown bits",
+        "exceeds the limit",
+        "unknown request code",
+    ] {
+        assert!(
+            log.contains(reason),
+            "the log names the reason {reason:?}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_half_message_is_dropped_after_the_io_timeout() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 9));
+    let mut sidecar = Sidecar::start(&blob, &["--io-timeout-ms", "200"]);
+    let vmm = sidecar.connect();
+    send_bytes(
+        vmm.stream(),
+        &header(Request::CocoDone as u32, 1, 8)[..HEADER_SIZE],
+        &[],
+    )
+    .expect("send");
+    vmm.stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(
+        transport::drain(vmm.stream()).expect("closed by the sidecar"),
+        0
+    );
+    assert!(sidecar.alive());
+    assert!(
+        sidecar.log().contains("not completed within"),
+        "{}",
+        sidecar.log()
+    );
+}
+
+#[test]
+fn refused_regions_get_an_errno_and_the_connection_lives_on() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 2));
+    let sidecar = Sidecar::start(&blob, &[]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let other = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.add_mem_region(&mem.region(0)).expect("first region");
+    let rejected = |r: Result<(), FrontendError>| match r {
+        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        rejected(vmm.add_mem_region(&other.region(RAM / 2))),
+        libc::EEXIST,
+        "overlap"
+    );
+    let mut big = other.region(4 * RAM);
+    big.size = 2 * RAM;
+    assert_eq!(
+        rejected(vmm.add_mem_region(&big)),
+        libc::EINVAL,
+        "fd smaller than the region"
+    );
+    let mut odd = other.region(4 * RAM);
+    odd.size = 100;
+    assert_eq!(
+        rejected(vmm.add_mem_region(&odd)),
+        libc::EINVAL,
+        "unaligned size"
+    );
+    let unsealed = memfd::MemfdOptions::default()
+        .create("unsealed")
+        .expect("memfd");
+    unsealed.as_file().set_len(RAM).expect("size");
+    let region = coco_protocol::MemoryRegion {
+        guest_phys_addr: 8 * RAM,
+        size: RAM,
+        mmap_offset: 0,
+        userspace_addr: 0,
+        fd: std::os::fd::AsFd::as_fd(unsealed.as_file()),
+    };
+    assert_eq!(
+        rejected(vmm.add_mem_region(&region)),
+        libc::EPERM,
+        "no shrink seal"
+    );
+    let pipe = std::process::Command::new("true")
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let child = pipe.expect("spawn");
+    let stdout = child.stdout.as_ref().expect("pipe");
+    let mut not_file = other.region(8 * RAM);
+    not_file.fd = std::os::fd::AsFd::as_fd(stdout);
+    assert_eq!(
+        rejected(vmm.add_mem_region(&not_file)),
+        libc::EBADF,
+        "a pipe is not memory"
+    );
+    assert_eq!(
+        rejected(vmm.remove_mem_region(RegionDesc {
+            guest_phys_addr: 4 * RAM,
+            memory_size: RAM,
+            ..Default::default()
+        })),
+        libc::ENOENT,
+        "removing an unknown region"
+    );
+    // Still serving, from the one accepted region.
+    assert_eq!(
+        vmm.request_certs(Abi::CocoRfc, 0, 0, 1)
+            .expect("request")
+            .ret,
+        CertsRet::Ok
+    );
+    // The same refusal without NEED_REPLY cannot be reported, so it closes the connection.
+    let raw_vmm = sidecar.connect();
+    let payload = wire::encode_mem_reg(&big.desc());
+    let h = Header::request(Request::AddMemReg, payload.len(), false);
+    transport::send_message(
+        raw_vmm.stream(),
+        &h,
+        &payload,
+        &[other.memfd.as_file().as_raw_fd()],
+    )
+    .expect("send");
+    assert_eq!(transport::drain(raw_vmm.stream()).expect("closed"), 0);
+}
+
+#[test]
+fn the_unsealed_memory_option_accepts_unsealed_files() {
+    let dir = blob_dir();
+    let table = table_of_size(3000, 2);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &["--allow-unsealed-memory"]);
+    let unsealed = memfd::MemfdOptions::default()
+        .create("unsealed")
+        .expect("memfd");
+    unsealed.as_file().set_len(RAM).expect("size");
+    let mut vmm = sidecar.connect();
+    vmm.add_mem_region(&coco_protocol::MemoryRegion {
+        guest_phys_addr: 0,
+        size: RAM,
+        mmap_offset: 0,
+        userspace_addr: 0,
+        fd: std::os::fd::AsFd::as_fd(unsealed.as_file()),
+    })
+    .expect("accepted with --allow-unsealed-memory");
+    assert_eq!(
+        vmm.request_certs(Abi::CocoRfc, 0, 0, 1)
+            .expect("request")
+            .ret,
+        CertsRet::Ok
+    );
+    // Shrinking the file under the mapping turns the next request into EIO, not SIGBUS.
+    unsealed.as_file().set_len(0).expect("shrink");
+    assert_eq!(
+        vmm.request_certs(Abi::CocoRfc, 0, 0, 1)
+            .expect("request")
+            .ret,
+        CertsRet::Io
+    );
+}
+
+#[test]
+fn memory_added_and_removed_at_runtime() {
+    let dir = blob_dir();
+    let table = table_of_size(6000, 3);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &[]);
+    let a = GuestMem::new(RAM, CANARY);
+    let b = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    assert_eq!(vmm.max_mem_slots().expect("slots"), 32);
+    let probe = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0, 2)
+        .expect("request");
+    assert_eq!(probe.ret, CertsRet::Io, "no memory yet");
+    vmm.add_mem_region(&a.region(0)).expect("add a");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x3000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(a.read(0x3000, table.len()), table);
+    vmm.add_mem_region(&b.region(4 * RAM)).expect("add b");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 4 * RAM + 0x5000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(b.read(0x5000, table.len()), table);
+    vmm.remove_mem_region(a.region(0).desc()).expect("remove a");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x7000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Io, "a is gone");
+    assert_eq!(a.read(0x7000, 1), [CANARY]);
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 4 * RAM + 0x9000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok, "b still served");
+    // A buffer spanning two adjacent regions is one contiguous range of RAM.
+    vmm.add_mem_region(&a.region(3 * RAM))
+        .expect("re-add a just below b");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 4 * RAM - PAGE, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    let mut got = a.read(RAM - PAGE, PAGE as usize);
+    got.extend(b.read(0, table.len() - PAGE as usize));
+    assert_eq!(
+        got[..table.len()],
+        table[..],
+        "the table spans both regions"
+    );
+}
+
+#[test]
+fn two_connections_with_different_memory_are_isolated() {
+    let dir = blob_dir();
+    let table = table_of_size(6000, 4);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &[]);
+    let socket = sidecar.socket.clone();
+    let run = |gpa_base: u64, vcpu: u32| {
+        let socket = socket.clone();
+        let table = table.clone();
+        thread::spawn(move || {
+            let mem = GuestMem::new(RAM, CANARY);
+            let mut vmm = coco_protocol::Frontend::connect(&socket).expect("connect");
+            vmm.set_mem_table(&[mem.region(gpa_base)]).expect("memory");
+            for i in 0..200u64 {
+                let gpa = gpa_base + (i % 8) * 4 * PAGE;
+                let r = vmm
+                    .request_certs(Abi::ALL[i as usize % 2], vcpu, gpa, 2)
+                    .expect("request");
+                assert_eq!(r.ret, CertsRet::Ok);
+                assert_eq!(mem.read(gpa - gpa_base, table.len()), table);
+                vmm.done(r.lease).expect("done");
+            }
+            // The other connection's RAM is not this one's.
+            let foreign = if gpa_base == 0 { 16 * RAM } else { 0 };
+            let r = vmm
+                .request_certs(Abi::SnpReqCerts, vcpu, foreign, 2)
+                .expect("request");
+            assert_eq!(r.ret, CertsRet::Io);
+        })
+    };
+    let (one, two) = (run(0, 0), run(16 * RAM, 1));
+    one.join().expect("first connection");
+    two.join().expect("second connection");
+}
+
+#[test]
+fn sigterm_releases_locks_removes_the_socket_and_exits_zero() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
+    let mut sidecar = Sidecar::start(&blob, &[]);
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert!(!exclusive_lock_free(&blob));
+    let status = sidecar.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}");
+    assert!(!sidecar.socket.exists(), "socket removed");
+    assert!(exclusive_lock_free(&blob), "lease released");
+}
+
+#[test]
+fn a_second_sidecar_refuses_a_live_socket_and_replaces_a_stale_one() {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
+    let mut first = Sidecar::start(&blob, &[]);
+    let out = std::process::Command::new(coco_tests::sidecar_bin())
+        .args(["serve", "--certs"])
+        .arg(&blob)
+        .arg("--socket")
+        .arg(&first.socket)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+    // SIGKILL leaves the socket file behind; the next sidecar replaces it.
+    let socket = first.socket.clone();
+    first.signal_and_wait(libc::SIGKILL);
+    assert!(socket.exists(), "a killed sidecar leaves its socket file");
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let second = Sidecar::start_at(dir2, socket.clone(), &blob, &[]);
+    assert_eq!(second.connect().caps().expect("caps").coco_subtypes, 1);
+    assert!(
+        second.log().contains("removing stale socket"),
+        "{}",
+        second.log()
+    );
+}
