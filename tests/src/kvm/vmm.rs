@@ -27,6 +27,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+use super::blob::Entry;
 use super::guest::{self, PORT_DELAY, PORT_END, PORT_ENTRY, PORT_FAIL, PORT_NOSPACE, PORT_REQ};
 use super::record::{KernelAbi, KVM_RUN_EXIT_UNION, KVM_RUN_EXIT_UNION_SIZE};
 
@@ -84,19 +85,6 @@ pub struct ImmediateExit {
     pub rdx_after: u64,
 }
 
-/// One table entry as the guest reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestEntry {
-    /// GUID bytes, as the guest read them from memory.
-    pub guid: [u8; 16],
-    /// `offset` field.
-    pub offset: u32,
-    /// `length` field.
-    pub length: u32,
-    /// FNV-1a 32 the guest computed over the data in its memory.
-    pub fnv: u32,
-}
-
 /// Everything one vCPU did.
 #[derive(Debug, Default)]
 pub struct VcpuOutcome {
@@ -106,8 +94,8 @@ pub struct VcpuOutcome {
     pub delays: u32,
     /// Page counts the guest learned from ENOSPC answers.
     pub sizes_learned: Vec<u32>,
-    /// Entries the guest found.
-    pub entries: Vec<GuestEntry>,
+    /// Entries the guest found, with the checksums it computed over its own memory.
+    pub entries: Vec<Entry>,
     /// Offset of the terminator the guest found.
     pub terminator_at: Option<u32>,
     /// A failure the guest reported.
@@ -436,7 +424,7 @@ impl Vmm {
                 Exit::Hlt => {
                     out.entries = entry_dwords
                         .chunks(7)
-                        .map(|c: &[u32]| -> Result<GuestEntry, Error> {
+                        .map(|c: &[u32]| -> Result<Entry, Error> {
                             let [g0, g1, g2, g3, offset, length, fnv] = *c else {
                                 return Err(format!("guest reported {} dwords", c.len()));
                             };
@@ -444,7 +432,7 @@ impl Vmm {
                             for (dst, d) in guid.chunks_exact_mut(4).zip([g0, g1, g2, g3]) {
                                 dst.copy_from_slice(&d.to_le_bytes());
                             }
-                            Ok(GuestEntry {
+                            Ok(Entry {
                                 guid,
                                 offset,
                                 length,
