@@ -565,7 +565,7 @@ mod tests {
         vcek.verify_signed_by(&ask).expect("vcek by ask");
         assert_eq!(
             vcek.verify_signed_by(&ark),
-            Err(CertError::BadSignature("ARK-Test".into()))
+            Err(CertError::BadSignature("ARK-Genoa".into()))
         );
         assert!(matches!(
             ark.verify_signed_by(&vcek),
