@@ -214,12 +214,15 @@ fn vlek_directories_and_asvk_names() {
     assert!(text(&o).contains("do not belong together"), "{}", text(&o));
 }
 
+/// What, which (fixture, name) files, extra arguments, expected message.
+type ImportCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+
 #[test]
 fn import_refuses_what_it_cannot_place() {
     let root = tempfile::tempdir().expect("tempdir");
     let r = root.path();
     let out = r.join("out.blob");
-    let cases: [(&str, &[(&str, &str)], &[&str], &str); 7] = [
+    let cases: [ImportCase; 7] = [
         (
             "unknown file",
             &[
