@@ -157,12 +157,18 @@ struct LockArgs {
     command: Vec<OsString>,
 }
 
-fn install_options(wait: &WaitArgs, validate: &ValidateArgs) -> InstallOptions {
-    InstallOptions {
+/// Longest `--wait-ms` accepted: a day (a longer wait is a mistake, and must not overflow).
+const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
+
+fn install_options(wait: &WaitArgs, validate: &ValidateArgs) -> Result<InstallOptions, String> {
+    if wait.wait_ms > MAX_WAIT_MS {
+        return Err(format!("--wait-ms must be at most {MAX_WAIT_MS}"));
+    }
+    Ok(InstallOptions {
         wait: Duration::from_millis(wait.wait_ms),
         strict: validate.strict,
         check: check::CheckOptions::now(),
-    }
+    })
 }
 
 impl TryFrom<BlobCommand> for tool::Command {
@@ -171,7 +177,7 @@ impl TryFrom<BlobCommand> for tool::Command {
     fn try_from(c: BlobCommand) -> Result<tool::Command, String> {
         Ok(match c {
             BlobCommand::Import(a) => tool::Command::Import {
-                install: install_options(&a.wait, &a.validate),
+                install: install_options(&a.wait, &a.validate)?,
                 import: files::ImportOptions {
                     use_vek: a.use_vek.map(|v| match v {
                         VekArg::Vcek => files::UseVek::Vcek,
@@ -207,12 +213,12 @@ impl TryFrom<BlobCommand> for tool::Command {
                 json: a.json,
             },
             BlobCommand::Install(a) => tool::Command::Install {
-                opts: install_options(&a.wait, &a.validate),
+                opts: install_options(&a.wait, &a.validate)?,
                 new: a.new,
                 blob: a.blob,
             },
             BlobCommand::Lock(a) => {
-                let opts = install_options(&a.wait, &a.validate);
+                let opts = install_options(&a.wait, &a.validate)?;
                 let mut command = a.command.into_iter();
                 let program = command.next().ok_or("COMMAND is missing after --")?;
                 tool::Command::Lock {

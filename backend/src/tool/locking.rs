@@ -111,10 +111,13 @@ fn held_by_parent(path: &Path) -> bool {
     let Some(locked) = std::env::var_os(LOCK_ENV) else {
         return false;
     };
-    match (std::fs::metadata(locked), std::fs::metadata(path)) {
+    let same = match (std::fs::metadata(locked), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
-    }
+    };
+    // A stale variable (inherited by something that outlived its `blob lock`) must not block
+    // installs: only an exclusive lock that is actually held counts.
+    same && File::open(path).is_ok_and(|f| holder(&f) == Holder::Exclusive)
 }
 
 /// Opens `path` read-write (it must exist) and takes the exclusive OFD lock, waiting at most
