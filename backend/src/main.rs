@@ -22,14 +22,17 @@ enum Command {
     /// Run a complete request flow against a sample blob (no hardware needed).
     Demo,
     /// Build, inspect, check and update the certificate blob (see docs/operations.md).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = BLOB_EXIT_STATUSES)]
     Blob(BlobCommand),
 }
 
-/// Exit statuses: 0 good, 1 warnings only (check), 2 invalid (check; install and import
-/// refused their input), 3 failed (I/O, bad option value), 4 lock busy past --wait-ms,
-/// 64 usage error. `blob lock` exits with COMMAND's status (128+N for signal N), or 124 lock
-/// busy, 125 other failure, 126 COMMAND not executable, 127 COMMAND not found.
+const BLOB_EXIT_STATUSES: &str = "Exit statuses: 0 good; 1 valid with warnings (check); \
+2 invalid (check), input refused (install, import); 3 failed (I/O, bad option value); \
+4 blob still locked after --wait-ms (install, import); 64 usage error. \
+`blob lock` exits with COMMAND's status (128+N if signal N ended it), or 124 lock busy, \
+125 other failure, 126 COMMAND not executable, 127 COMMAND not found.";
+
+/// The `blob` subcommands.
 #[derive(Debug, Subcommand)]
 enum BlobCommand {
     /// Build a blob from DIR's ark.*, ask.* or asvk.*, vcek.* or vlek.*, crl.* (PEM or DER)
