@@ -10,6 +10,7 @@ pub mod memory;
 pub mod ofd;
 pub mod server;
 pub mod session;
+pub mod tool;
 
 pub use config::{Config, MissingCerts};
 pub use server::{Server, ServerError, Shutdown, ShutdownHandle};

@@ -1,8 +1,10 @@
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use coco_sidecar::tool::{self, check, files, install::InstallOptions};
 use coco_sidecar::{Config, MissingCerts, Server, Shutdown};
 
 /// Serves AMD SEV-SNP certificate tables to a VMM's confidential guests.
@@ -19,6 +21,219 @@ enum Command {
     Serve(ServeArgs),
     /// Run a complete request flow against a sample blob (no hardware needed).
     Demo,
+    /// Build, inspect, check and update the certificate blob (see docs/operations.md).
+    #[command(subcommand, after_help = BLOB_EXIT_STATUSES)]
+    Blob(BlobCommand),
+}
+
+const BLOB_EXIT_STATUSES: &str = "Exit statuses: 0 good; 1 valid with warnings (check); \
+2 invalid (check), input refused (install, import); 3 failed (I/O, bad option value); \
+4 blob still locked after --wait-ms (install, import); 64 usage error. \
+`blob lock` exits with COMMAND's status (128+N if signal N ended it), or 124 lock busy, \
+125 other failure, 126 COMMAND not executable, 127 COMMAND not found.";
+
+/// The `blob` subcommands.
+#[derive(Debug, Subcommand)]
+enum BlobCommand {
+    /// Build a blob from DIR's ark.*, ask.* or asvk.*, vcek.* or vlek.*, crl.* (PEM or DER)
+    /// and install it at BLOB.
+    Import(ImportArgs),
+    /// Write each entry of BLOB into DIR as ark.pem, ask.pem, vcek.pem, ... (or .der).
+    Export(ExportArgs),
+    /// Show every entry: GUID, kind, offset, length, subject, issuer, validity, AMD TCB.
+    Show(ShowArgs),
+    /// Check structure, certificates, the ARK -> ASK -> VCEK/VLEK chain, validity and TCB.
+    Check(CheckArgs),
+    /// Validate NEW, then replace BLOB's contents in place under the exclusive OFD lock.
+    Install(InstallArgs),
+    /// Run COMMAND while holding the exclusive OFD lock on BLOB; exit with its status.
+    Lock(LockArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VekArg {
+    Vcek,
+    Vlek,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Pem,
+    Der,
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// Longest wait for the exclusive lock (sidecar leases hold shared locks until DONE).
+    #[arg(long, default_value_t = tool::DEFAULT_WAIT_MS, value_name = "MS")]
+    wait_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct ValidateArgs {
+    /// Refuse the new blob when `blob check` would warn, not only when it finds errors.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// Directory of certificate files, named as snphost names them.
+    dir: PathBuf,
+    /// Blob to create or update.
+    blob: PathBuf,
+    /// DIR has both a VCEK and a VLEK: use this one.
+    #[arg(long = "use", value_enum, value_name = "KIND")]
+    use_vek: Option<VekArg>,
+    /// Accept a DIR with neither VCEK nor VLEK.
+    #[arg(long)]
+    allow_no_vek: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+    #[command(flatten)]
+    validate: ValidateArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// The blob.
+    blob: PathBuf,
+    /// Directory to write into (created if missing).
+    dir: PathBuf,
+    /// File encoding.
+    #[arg(long, value_enum, default_value = "pem")]
+    format: FormatArg,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ShowArgs {
+    /// The blob.
+    blob: PathBuf,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The blob.
+    blob: PathBuf,
+    /// Expected VCEK/VLEK TCB, e.g. bl=3,tee=0,snp=8,ucode=115 (also fmc, spl4..spl7).
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    expect_tcb: Option<String>,
+    /// Check validity at this time: now, RFC 3339 (2025-06-01T00:00:00Z) or @UNIX_SECONDS.
+    #[arg(long, default_value = "now", value_name = "TIME")]
+    at: String,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// The new blob.
+    new: PathBuf,
+    /// The blob the sidecars serve (created if absent).
+    blob: PathBuf,
+    #[command(flatten)]
+    wait: WaitArgs,
+    #[command(flatten)]
+    validate: ValidateArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct LockArgs {
+    /// The blob the sidecars serve.
+    blob: PathBuf,
+    #[command(flatten)]
+    wait: WaitArgs,
+    /// After COMMAND succeeds, install this blob under the same lock (validated first).
+    #[arg(long, value_name = "NEW")]
+    install: Option<PathBuf>,
+    #[command(flatten)]
+    validate: ValidateArgs,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// Longest `--wait-ms` accepted: a day (a longer wait is a mistake, and must not overflow).
+const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
+
+fn install_options(wait: &WaitArgs, validate: &ValidateArgs) -> Result<InstallOptions, String> {
+    if wait.wait_ms > MAX_WAIT_MS {
+        return Err(format!("--wait-ms must be at most {MAX_WAIT_MS}"));
+    }
+    Ok(InstallOptions {
+        wait: Duration::from_millis(wait.wait_ms),
+        strict: validate.strict,
+        check: check::CheckOptions::now(),
+    })
+}
+
+impl TryFrom<BlobCommand> for tool::Command {
+    type Error = String;
+
+    fn try_from(c: BlobCommand) -> Result<tool::Command, String> {
+        Ok(match c {
+            BlobCommand::Import(a) => tool::Command::Import {
+                install: install_options(&a.wait, &a.validate)?,
+                import: files::ImportOptions {
+                    use_vek: a.use_vek.map(|v| match v {
+                        VekArg::Vcek => files::UseVek::Vcek,
+                        VekArg::Vlek => files::UseVek::Vlek,
+                    }),
+                    allow_no_vek: a.allow_no_vek,
+                },
+                dir: a.dir,
+                blob: a.blob,
+            },
+            BlobCommand::Export(a) => tool::Command::Export {
+                blob: a.blob,
+                dir: a.dir,
+                format: match a.format {
+                    FormatArg::Pem => files::Format::Pem,
+                    FormatArg::Der => files::Format::Der,
+                },
+                force: a.force,
+            },
+            BlobCommand::Show(a) => tool::Command::Show {
+                blob: a.blob,
+                json: a.json,
+            },
+            BlobCommand::Check(a) => tool::Command::Check {
+                opts: check::CheckOptions {
+                    at: tool::parse_time(&a.at).map_err(|e| e.to_string())?,
+                    expect_tcb: match a.expect_tcb {
+                        Some(t) => check::parse_expect_tcb(&t).map_err(|e| e.to_string())?,
+                        None => Vec::new(),
+                    },
+                },
+                blob: a.blob,
+                json: a.json,
+            },
+            BlobCommand::Install(a) => tool::Command::Install {
+                opts: install_options(&a.wait, &a.validate)?,
+                new: a.new,
+                blob: a.blob,
+            },
+            BlobCommand::Lock(a) => {
+                let opts = install_options(&a.wait, &a.validate)?;
+                let mut command = a.command.into_iter();
+                let program = command.next().ok_or("COMMAND is missing after --")?;
+                tool::Command::Lock {
+                    blob: a.blob,
+                    wait: opts.wait,
+                    install: a.install.map(|p| (p, opts)),
+                    program,
+                    args: command.collect(),
+                }
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -100,15 +315,37 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     server.run(&shutdown).map_err(|e| e.to_string())
 }
 
+fn blob(command: BlobCommand) -> ExitCode {
+    match tool::Command::try_from(command) {
+        Ok(cmd) => ExitCode::from(tool::run(cmd)),
+        Err(e) => {
+            eprintln!("coco-sidecar: {e}");
+            ExitCode::from(tool::exit::FAILED)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 (EX_USAGE), not clap's 2, which `blob check` uses for "invalid".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(tool::exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Demo => "warn",
+        Command::Demo | Command::Blob(_) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
     let result = match cli.command {
+        Command::Blob(command) => return blob(command),
         Command::Serve(args) => serve(args),
         Command::Demo => coco_sidecar::demo::run()
             .map(|report| print!("{report}"))

@@ -1,0 +1,177 @@
+//! `blob install NEW BLOB`: validate NEW, then replace BLOB's contents under the exclusive OFD
+//! lock, so that no sidecar ever reads a torn table and no request that holds a lease sees its
+//! chain change before it reached firmware.
+//!
+//! The rewrite is *in place* (truncate, write, fsync) because the sidecars lock the file they
+//! open: a rename would put a new, unlocked file at the path while leases still hold the old
+//! one. Only a BLOB that does not exist yet is created by renaming a complete temporary file
+//! into place (never replacing anything), so no sidecar ever sees it half written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::check::{self, CheckOptions, Report};
+use super::locking::{self, LockingError};
+
+/// Permissions of a blob `install` creates: the sidecars may run as another user.
+const CREATE_MODE: u32 = 0o644;
+
+/// Why NEW was not installed.
+#[derive(Debug, Error)]
+pub enum InstallError {
+    /// NEW failed validation; BLOB is untouched.
+    #[error("refused, {what} is not a valid certificate blob ({}); {blob} is unchanged:\n{}", .report.verdict(), .report.problems())]
+    Invalid {
+        /// What was validated (a path, or "the imported files").
+        what: String,
+        /// The blob that was to be updated.
+        blob: PathBuf,
+        /// The findings.
+        report: Box<Report>,
+    },
+    /// The lock was not taken; BLOB is untouched.
+    #[error(transparent)]
+    Locking(#[from] LockingError),
+    /// Reading NEW, or writing BLOB, failed.
+    #[error("{path}: cannot {what}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// What `install` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// BLOB did not exist and was created.
+    Created,
+    /// BLOB was rewritten in place under the lock.
+    Rewritten,
+    /// BLOB already held exactly these bytes; nothing was written.
+    Unchanged,
+}
+
+/// How to install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallOptions {
+    /// Longest wait for the exclusive lock.
+    pub wait: Duration,
+    /// Refuse NEW on warnings too.
+    pub strict: bool,
+    /// What NEW is checked against (time, TCB).
+    pub check: CheckOptions,
+}
+
+/// Checks `new` as `blob check` does: errors refuse it, and so do warnings when `strict`.
+/// Returns the report, whose warnings the caller should show.
+pub fn validate(
+    new: &[u8],
+    what: &str,
+    blob: &Path,
+    opts: &InstallOptions,
+) -> Result<Report, InstallError> {
+    let report = check::check(new, &opts.check);
+    if report.errors() > 0 || (opts.strict && report.warnings() > 0) {
+        return Err(InstallError::Invalid {
+            what: what.to_owned(),
+            blob: blob.to_owned(),
+            report: Box::new(report),
+        });
+    }
+    Ok(report)
+}
+
+/// Validates `new` and installs it at `blob`.
+pub fn install(
+    new: &[u8],
+    what: &str,
+    blob: &Path,
+    opts: &InstallOptions,
+) -> Result<(Installed, Report), InstallError> {
+    let report = validate(new, what, blob, opts)?;
+    Ok((write_blob(new, blob, opts.wait)?, report))
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> InstallError + 'a {
+    move |source| InstallError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    }
+}
+
+/// Replaces the contents of `blob` (already validated bytes), creating it if absent.
+pub fn write_blob(new: &[u8], blob: &Path, wait: Duration) -> Result<Installed, InstallError> {
+    if !blob.exists() && create(new, blob)? {
+        return Ok(Installed::Created);
+    }
+    let file = locking::lock_exclusive(blob, wait)?;
+    let changed = write_locked(&file, blob, new)?;
+    // Dropping the file closes it, which releases the lock.
+    drop(file);
+    Ok(if changed {
+        Installed::Rewritten
+    } else {
+        Installed::Unchanged
+    })
+}
+
+/// Rewrites the locked `file` (truncate, write, fsync) unless it already holds `new`.
+/// Returns whether it wrote.
+pub fn write_locked(file: &File, path: &Path, new: &[u8]) -> Result<bool, InstallError> {
+    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    if len == new.len() as u64 {
+        let mut current = vec![0u8; new.len()];
+        file.read_exact_at(&mut current, 0)
+            .map_err(io_err(path, "read"))?;
+        if current == new {
+            return Ok(false);
+        }
+    }
+    file.set_len(0).map_err(io_err(path, "truncate"))?;
+    file.write_all_at(new, 0).map_err(io_err(path, "write"))?;
+    file.sync_all().map_err(io_err(path, "fsync"))?;
+    Ok(true)
+}
+
+/// Creates `blob` from a complete temporary file renamed into place without replacing
+/// anything. `Ok(false)` when someone else created it first.
+fn create(new: &[u8], blob: &Path) -> Result<bool, InstallError> {
+    let dir = match blob.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = blob
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir, "create a temporary file in"))?;
+    tmp.write_all(new).map_err(io_err(tmp.path(), "write"))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(CREATE_MODE))
+        .map_err(io_err(blob, "set permissions of"))?;
+    tmp.as_file().sync_all().map_err(io_err(blob, "fsync"))?;
+    match tmp.persist_noclobber(blob) {
+        Ok(_) => {}
+        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io_err(blob, "create")(e.error)),
+    }
+    // Make the new directory entry durable too.
+    if let Ok(d) = OpenOptions::new().read(true).open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(true)
+}

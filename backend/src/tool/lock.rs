@@ -1,0 +1,194 @@
+//! `blob lock BLOB -- COMMAND ARGS...`: hold the exclusive OFD lock on the blob while COMMAND
+//! runs (SNP_COMMIT, SNP_SET_CONFIG, loading a VLEK: anything that changes the key firmware
+//! signs reports with), then exit with COMMAND's status.
+//!
+//! While the lock is held, sidecars answer EAGAIN (guests retry), and no request that holds a
+//! lease is still on its way to firmware, since leases are shared locks. The lock belongs to
+//! this process's open file (close-on-exec, so COMMAND does not inherit it): it is released
+//! when this process exits, however that happens. Termination signals are forwarded to
+//! COMMAND rather than ending this process, so the lock is never dropped while COMMAND still
+//! runs. With `--install NEW`, NEW is validated before locking and written under the same
+//! lock after COMMAND succeeds, so guests never see the old chain with the new firmware state.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+use thiserror::Error;
+
+use super::exit;
+use super::install::{self, InstallError, InstallOptions, Installed};
+use super::locking::{self, LockingError, LOCK_ENV};
+
+/// Why COMMAND did not run under the lock, or its outcome was not applied.
+#[derive(Debug, Error)]
+pub enum LockError {
+    /// The lock was not taken.
+    #[error(transparent)]
+    Locking(#[from] LockingError),
+    /// `--install NEW` was refused or could not be written.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// COMMAND could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Waiting for COMMAND failed.
+    #[error("cannot wait for {program}: {source}")]
+    Wait {
+        /// The program.
+        program: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot set up signal forwarding: {0}")]
+    Signals(io::Error),
+    /// COMMAND succeeded but NEW could not be written.
+    #[error("the command succeeded, but installing the new blob failed: {0}")]
+    InstallAfter(InstallError),
+}
+
+impl LockError {
+    /// The exit status `blob lock` ends with: 124 lock busy, 126 not executable, 127 not
+    /// found, 125 anything else (COMMAND's own statuses pass through unchanged).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LockError::Locking(LockingError::Timeout { .. }) => exit::LOCK_BUSY,
+            LockError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                exit::NOT_FOUND
+            }
+            LockError::Spawn { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                exit::NOT_EXECUTABLE
+            }
+            _ => exit::LOCK_FAILED,
+        }
+    }
+}
+
+/// What `blob lock` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockOutcome {
+    /// COMMAND's exit code, or 128 + the signal that ended it.
+    pub status: u8,
+    /// With `--install`: what was done to BLOB (None when COMMAND failed).
+    pub installed: Option<Installed>,
+}
+
+/// Waits until `pid` (our child) has ended, without reaping it, so its pid cannot be reused
+/// while the forwarding thread may still signal it.
+fn wait_unreaped(pid: u32) -> io::Result<()> {
+    let id = libc::id_t::try_from(pid).map_err(io::Error::other)?;
+    loop {
+        // SAFETY: siginfo_t is plain data for which all-zero bytes are a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes into `info`, which outlives the call; `id` is our own child,
+        // which WNOWAIT leaves unreaped.
+        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Runs `program args` with the exclusive lock on `blob` held; see the module docs.
+pub fn run_locked(
+    blob: &Path,
+    program: &OsStr,
+    args: &[OsString],
+    wait: Duration,
+    install_new: Option<(&[u8], &str, &InstallOptions)>,
+) -> Result<LockOutcome, LockError> {
+    if let Some((new, what, opts)) = install_new {
+        install::validate(new, what, blob, opts)?;
+    }
+    let file = locking::lock_exclusive(blob, wait)?;
+    let name = program.to_string_lossy().into_owned();
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(LockError::Signals)?;
+    let handle = signals.handle();
+    let locked = std::fs::canonicalize(blob).unwrap_or_else(|_| blob.to_owned());
+    let mut child = match Command::new(program)
+        .args(args)
+        .env(LOCK_ENV, &locked)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(source) => {
+            handle.close();
+            return Err(LockError::Spawn {
+                program: name,
+                source,
+            });
+        }
+    };
+    let pid = child.id();
+    let reaped = Arc::new(Mutex::new(false));
+    let forwarder = {
+        let reaped = Arc::clone(&reaped);
+        thread::spawn(move || {
+            for sig in signals.forever() {
+                let done = reaped.lock().map_or(true, |g| *g);
+                if !done {
+                    if let Ok(pid) = i32::try_from(pid) {
+                        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our
+                        // child, not yet reaped (checked under the mutex), so not reused.
+                        unsafe { libc::kill(pid, sig) };
+                    }
+                }
+            }
+        })
+    };
+    let waited = wait_unreaped(pid).and_then(|()| {
+        if let Ok(mut g) = reaped.lock() {
+            *g = true;
+        }
+        child.wait()
+    });
+    handle.close();
+    let _ = forwarder.join();
+    let status = waited.map_err(|source| LockError::Wait {
+        program: name,
+        source,
+    })?;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c & 0xff).unwrap_or(exit::LOCK_FAILED),
+        (None, Some(s)) => u8::try_from(128 + s).unwrap_or(255),
+        (None, None) => exit::LOCK_FAILED,
+    };
+    let installed = match install_new {
+        Some((new, _, _)) if code == 0 => Some(
+            install::write_locked(&file, blob, new)
+                .map(|changed| {
+                    if changed {
+                        Installed::Rewritten
+                    } else {
+                        Installed::Unchanged
+                    }
+                })
+                .map_err(LockError::InstallAfter)?,
+        ),
+        _ => None,
+    };
+    // Closing the file releases the lock.
+    drop(file);
+    Ok(LockOutcome {
+        status: code,
+        installed,
+    })
+}

@@ -1,0 +1,406 @@
+//! `coco-sidecar blob lock` and `blob install` against a running `coco-sidecar serve` (issue 3):
+//! while the exclusive lock is held requests get EAGAIN, afterwards they get the new blob; an
+//! install waits for an active lease (or times out saying why); `blob lock` passes COMMAND's
+//! status through and never lets go of the lock while COMMAND runs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use coco_protocol::table::{CertKind, Guid, Table};
+use coco_protocol::{Abi, CertsRet, Frontend};
+use coco_tests::{exclusive_lock_free, sidecar_bin, GuestMem, HeldLock, Sidecar};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/synthetic");
+const MEM: u64 = 64 * 1024;
+
+fn synth(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(FIXTURES).join(format!("{name}.der"))).expect("fixture")
+}
+
+fn table(kinds: &[(CertKind, &str)]) -> Vec<u8> {
+    let data: Vec<(Guid, Vec<u8>)> = kinds.iter().map(|(k, n)| (k.guid(), synth(n))).collect();
+    let refs: Vec<(Guid, &[u8])> = data.iter().map(|(g, d)| (*g, d.as_slice())).collect();
+    Table::build(&refs).expect("valid").into_bytes()
+}
+
+/// Two different valid blobs: the one served first, and its replacement.
+fn old_and_new() -> (Vec<u8>, Vec<u8>) {
+    let chain = [
+        (CertKind::Ark, "ark"),
+        (CertKind::Ask, "ask"),
+        (CertKind::Vcek, "vcek"),
+    ];
+    let old = table(&chain);
+    let new = table(&[chain[0], chain[1], chain[2], (CertKind::Crl, "crl")]);
+    (old, new)
+}
+
+fn blob_cmd() -> Command {
+    let mut c = Command::new(sidecar_bin());
+    c.arg("blob");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn wait_for_file(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("blob lock ended early with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("command did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A sidecar serving `served`, a connection with 64 KiB of guest RAM at gpa 0.
+fn serving(served: &Path, extra: &[&str]) -> (Sidecar, Frontend, GuestMem) {
+    let sidecar = Sidecar::start(served, extra);
+    let mem = GuestMem::new(MEM, 0xaa);
+    let mut fe = sidecar.connect();
+    fe.set_mem_table(&[mem.region(0)]).expect("memory");
+    (sidecar, fe, mem)
+}
+
+/// One request for the whole of guest RAM; returns (ret, lease).
+fn request(fe: &mut Frontend) -> (CertsRet, u64) {
+    let r = fe
+        .request_certs(Abi::SnpReqCerts, 0, 0, MEM / 4096)
+        .expect("request");
+    (r.ret, r.lease)
+}
+
+fn assert_serves(fe: &mut Frontend, mem: &GuestMem, expected: &[u8]) {
+    let (ret, lease) = request(fe);
+    assert_eq!(ret, CertsRet::Ok);
+    assert_eq!(mem.read(0, expected.len()), expected);
+    fe.done(lease).expect("done");
+}
+
+#[test]
+fn requests_get_eagain_under_blob_lock_and_the_new_blob_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    let (_sidecar, mut fe, mem) = serving(&served, &["--lock-wait-ms", "50"]);
+    assert_serves(&mut fe, &mem, &old);
+
+    // COMMAND signals that it runs, then waits until the test lets it finish.
+    let held = dir.path().join("held");
+    let release = dir.path().join("release");
+    let script = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.02; done",
+        held.display(),
+        release.display()
+    );
+    let mut child = blob_cmd()
+        .arg("lock")
+        .arg(&served)
+        .arg("--install")
+        .arg(&new_path)
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn blob lock");
+    wait_for_file(&held, &mut child);
+    assert!(!exclusive_lock_free(&served), "blob lock holds the lock");
+    for abi in [Abi::SnpReqCerts, Abi::CocoRfc] {
+        let r = fe.request_certs(abi, 1, 0, MEM / 4096).expect("request");
+        assert_eq!(r.ret, CertsRet::Again, "{abi:?} while locked");
+        assert_eq!(r.lease, 0);
+    }
+    assert_eq!(
+        std::fs::read(&served).expect("read"),
+        old,
+        "not yet installed"
+    );
+
+    std::fs::write(&release, b"").expect("release");
+    let out = wait_with_deadline(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("rewritten under the exclusive lock"),
+        "{}",
+        text(&out)
+    );
+    assert!(exclusive_lock_free(&served), "released");
+    assert_serves(&mut fe, &mem, &new);
+}
+
+#[test]
+fn install_waits_for_an_active_lease_and_succeeds_after_done() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    let (_sidecar, mut fe, mem) = serving(&served, &["--lease-timeout-ms", "20000"]);
+
+    // A request granted, not yet DONE: its lease holds a shared lock.
+    let (ret, lease) = request(&mut fe);
+    assert_eq!(ret, CertsRet::Ok);
+    assert_ne!(lease, 0);
+
+    let mut install = blob_cmd()
+        .arg("install")
+        .arg(&new_path)
+        .arg(&served)
+        .args(["--wait-ms", "10000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn install");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        install.try_wait().expect("try_wait").is_none(),
+        "install must wait for the lease"
+    );
+    assert_eq!(std::fs::read(&served).expect("read"), old);
+
+    let done_at = Instant::now();
+    fe.done(lease).expect("done");
+    let out = wait_with_deadline(install, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        done_at.elapsed() < Duration::from_secs(3),
+        "install finished soon after DONE"
+    );
+    assert_eq!(std::fs::read(&served).expect("read"), new);
+    assert_serves(&mut fe, &mem, &new);
+}
+
+#[test]
+fn install_times_out_naming_the_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    let (_sidecar, mut fe, mem) = serving(&served, &["--lease-timeout-ms", "20000"]);
+    let (_, lease) = request(&mut fe);
+    assert_ne!(lease, 0);
+
+    let install = |wait: &str| {
+        blob_cmd()
+            .arg("install")
+            .arg(&new_path)
+            .arg(&served)
+            .args(["--wait-ms", wait])
+            .output()
+            .expect("install")
+    };
+    let started = Instant::now();
+    let out = install("300");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let msg = text(&out);
+    for needle in [
+        "is still locked after",
+        "a coco-sidecar holds a shared lock",
+        "COCO_DONE",
+        "raise --wait-ms",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing: {msg}");
+    }
+    assert_eq!(std::fs::read(&served).expect("read"), old, "untouched");
+    fe.done(lease).expect("done");
+
+    // Another updater holding the exclusive lock is named as such.
+    let other = HeldLock::take("exclusive", &served);
+    let out = install("100");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        text(&out).contains("another updater holds the exclusive lock"),
+        "{}",
+        text(&out)
+    );
+    other.release();
+    let out = install("1000");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_serves(&mut fe, &mem, &new);
+}
+
+#[test]
+fn install_creates_an_absent_blob() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    let (_sidecar, mut fe, mem) = serving(&served, &["--missing-certs", "again"]);
+    assert_eq!(request(&mut fe).0, CertsRet::Again);
+    let out = blob_cmd()
+        .arg("install")
+        .arg(&new_path)
+        .arg(&served)
+        .output()
+        .expect("install");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("created"), "{}", text(&out));
+    let mode = std::fs::metadata(&served)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+    assert_serves(&mut fe, &mem, &new);
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn blob_lock_passes_status_signals_and_failures_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    let lock = |extra: &[&str], command: &[&str]| {
+        blob_cmd()
+            .arg("lock")
+            .arg(&served)
+            .args(extra)
+            .arg("--")
+            .args(command)
+            .output()
+            .expect("blob lock")
+    };
+    assert_eq!(lock(&[], &["sh", "-c", "exit 7"]).status.code(), Some(7));
+    assert_eq!(lock(&[], &["true"]).status.code(), Some(0));
+    assert_eq!(
+        lock(&[], &["sh", "-c", "kill -TERM $$"]).status.code(),
+        Some(128 + 15)
+    );
+    let out = lock(&[], &["/nonexistent/command"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot run /nonexistent/command"),
+        "{}",
+        text(&out)
+    );
+
+    // COMMAND sees which blob is locked; an install of it inside fails at once.
+    let out = lock(&[], &["sh", "-c", "test -n \"$COCO_SIDECAR_BLOB_LOCKED\""]);
+    assert!(out.status.success());
+    let inner = format!(
+        "'{}' blob install '{}' '{}' --wait-ms 5000",
+        sidecar_bin().display(),
+        new_path.display(),
+        served.display()
+    );
+    let started = Instant::now();
+    let out = lock(&[], &["sh", "-c", &inner]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(4), "no deadlock");
+    assert!(text(&out).contains("blob lock --install"), "{}", text(&out));
+
+    // --install after a failed COMMAND leaves the blob alone.
+    let out = lock(
+        &["--install", new_path.to_str().expect("utf-8")],
+        &["false"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is unchanged"), "{}", text(&out));
+    assert_eq!(std::fs::read(&served).expect("read"), old);
+    // --install of an invalid blob is refused before COMMAND runs.
+    let bad = dir.path().join("bad.blob");
+    std::fs::write(&bad, b"junk").expect("write");
+    let marker = dir.path().join("ran");
+    let touch = format!("touch '{}'", marker.display());
+    let out = lock(
+        &["--install", bad.to_str().expect("utf-8")],
+        &["sh", "-c", &touch],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(!marker.exists(), "COMMAND must not run");
+
+    // Busy: another updater holds the lock past --wait-ms.
+    let other = HeldLock::take("exclusive", &served);
+    let out = lock(&["--wait-ms", "100"], &["sh", "-c", &touch]);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out));
+    assert!(text(&out).contains("another updater"), "{}", text(&out));
+    assert!(!marker.exists());
+    other.release();
+
+    // A missing blob is an error, not a lock on a new empty file.
+    let out = blob_cmd()
+        .args(["lock", "/nonexistent/certs.blob", "--", "true"])
+        .output()
+        .expect("blob lock");
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+}
+
+#[test]
+fn termination_signals_go_to_command_and_the_lock_stays_until_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, _) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let held = dir.path().join("held");
+    let trapped = dir.path().join("trapped");
+    let release = dir.path().join("release");
+    // On SIGTERM, COMMAND notes it, keeps going until released, then exits 42.
+    let script = format!(
+        "trap \"touch '{t}'\" TERM; touch '{h}'; while [ ! -e '{r}' ]; do sleep 0.02; done; exit 42",
+        t = trapped.display(),
+        h = held.display(),
+        r = release.display()
+    );
+    let mut child = blob_cmd()
+        .arg("lock")
+        .arg(&served)
+        .args(["--", "sh", "-c", &script])
+        .spawn()
+        .expect("spawn");
+    wait_for_file(&held, &mut child);
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_for_file(&trapped, &mut child);
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "blob lock survives SIGTERM"
+    );
+    assert!(!exclusive_lock_free(&served), "and keeps the lock");
+    std::fs::write(&release, b"").expect("release");
+    let out = wait_with_deadline(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(42));
+    assert!(exclusive_lock_free(&served));
+}
