@@ -1,49 +1,92 @@
-//! The certificate blob: open, shared-lock, validate, cache.
+//! The certificate blob: shared-lock, validate, cache.
 //!
-//! Every request opens the blob path and takes a shared OFD lock on that open file; the open
-//! file then becomes the request's lease (closing it drops the lock). Parsing and validating
-//! is done once per version of the file: the cache is keyed by what `fstat` says of the locked
-//! file. Why that key is sound is argued in docs/design.md ("Blob cache"); in short:
-//! - updaters rewrite under the exclusive lock, so while we hold the shared lock the file
-//!   cannot change, and what we read and what we key it by belong together;
-//! - any write changes the size or the mtime/ctime stamps, *unless* it falls within the same
-//!   timestamp tick as the stamps we cached. So an entry whose ctime is within
-//!   [`RACY_WINDOW`] of the moment we read it is not trusted: it is re-read until a read
-//!   happens well after its ctime (the "racy clean" rule git uses for its index);
-//! - a rename-replacement shows as a new inode number.
+//! The store keeps **one open file description** of the blob and shares it among all leases:
+//! the shared OFD lock is taken on it when the first lease starts and dropped when the last one
+//! ends (a lock count), so a request costs a lock syscall only when no other lease holds it,
+//! and never an `open`/`close`. Parsing and validating happens once per version of the file;
+//! each request decides whether the cached version is still the file's content with one
+//! `stat(path)` taken *under the shared lock*. Why that is sound is argued in docs/design.md
+//! ("Blob cache"); in short:
+//! - updaters rewrite in place under the exclusive lock, so while we hold the shared lock the
+//!   file cannot change, and the stamps we compare belong to the bytes we serve;
+//! - `stat(path)` (not `fstat`) names the file at the path *now*: a rename-replacement (or a
+//!   delete, or a swapped symlink) shows as another device/inode than the open file's, and is
+//!   served from a fresh open. While we hold the old file open its inode number cannot be
+//!   reused, so equal device/inode means the same file;
+//! - every write through the syscall API changes ctime (and a size change changes the size).
+//!   Two writes can share one timestamp tick, so a version whose ctime is within
+//!   [`RACY_WINDOW`] of the moment it was read is not trusted: it is re-read (and compared)
+//!   on each request until a read happens well after its ctime (git's "racy clean" rule);
+//! - writes that bypass the stamps (through a shared mapping) are caught by re-reading a
+//!   cached version at least every [`REVERIFY_INTERVAL`].
+//!
+//! A version that fails validation is never served, and neither is the previous one once the
+//! file changed: requests get EAGAIN and an error is logged at most every
+//! [`ERROR_LOG_INTERVAL`] per distinct problem.
 
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
 use log::{error, warn};
+use thiserror::Error;
 
 use crate::config::MissingCerts;
 use crate::ofd::{self, LockKind};
 
 /// A cached version is trusted only if it was read this long after the file's last change.
-/// Generous on purpose: it covers coarse timestamp ticks and 1-second timestamp filesystems.
+/// Generous on purpose: it covers coarse timestamp ticks and 1- or 2-second timestamp
+/// filesystems.
 pub const RACY_WINDOW: Duration = Duration::from_secs(2);
-/// The same validation error is logged at most this often.
-const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// A trusted version is still re-read (and compared byte for byte) this often, which bounds how
+/// long a change that leaves every stamp alone can go unnoticed.
+pub const REVERIFY_INTERVAL: Duration = Duration::from_secs(1);
+/// The same problem is logged at most this often.
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why a request cannot be served from the blob (answered EAGAIN, or EIO for
+/// [`BlobError::Missing`] under `--missing-certs eio`). The text names the problem for the log.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BlobError {
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+    #[error("{path} is locked by an updater (waited {waited:?})")]
+    Locked { path: PathBuf, waited: Duration },
+    #[error("cannot {what} {path}: {error}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: String,
+    },
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    #[error(
+        "{0} changed while it was read under the shared lock (an updater that does not lock?)"
+    )]
+    Changed(PathBuf),
+    #[error("{path} is not a valid certificate table: {error}")]
+    Invalid { path: PathBuf, error: TableError },
+}
 
 /// What the blob gives a request.
 #[derive(Debug)]
 pub enum Fetch {
-    /// Serve these bytes. `lock` is the locked open file to keep as the lease (`None` when
-    /// there is no file, e.g. the empty table for a missing blob).
+    /// Serve these bytes. `lock` is the share of the shared lock to keep as the lease (`None`
+    /// when there is no file, e.g. the empty table for a missing blob).
     Table {
         bytes: Arc<[u8]>,
-        lock: Option<File>,
+        lock: Option<BlobLock>,
     },
     /// Answer EAGAIN; the reason is for the log.
-    Again(String),
+    Again(BlobError),
     /// Answer EIO; the reason is for the log.
-    Io(String),
+    Io(BlobError),
 }
 
 /// The identity and change stamps of one version of the file.
@@ -77,39 +120,121 @@ impl FileKey {
     }
 }
 
+/// One open file description of the blob, shared by every lease taken through it.
+#[derive(Debug)]
+struct OpenBlob {
+    file: File,
+    dev: u64,
+    ino: u64,
+    /// Leases holding the shared lock through this file; the OFD lock is held exactly while
+    /// this is non-zero.
+    holders: Mutex<usize>,
+    /// Unlocking failed: this file may still hold its lock, so it must not be used again (it
+    /// is closed, which drops any lock, once its last lease ends).
+    broken: AtomicBool,
+}
+
+impl OpenBlob {
+    /// Takes a share of the shared lock, waiting at most `wait` for an updater to finish.
+    /// Retries with short sleeps (200 us doubling to 5 ms), never spinning.
+    fn acquire(self: &Arc<Self>, wait: Duration) -> io::Result<Option<BlobLock>> {
+        let mut deadline = None;
+        let mut nap = Duration::from_micros(200);
+        loop {
+            {
+                let mut holders = lock(&self.holders);
+                if *holders > 0 || ofd::try_lock(&self.file, LockKind::Shared)? {
+                    *holders += 1;
+                    return Ok(Some(BlobLock {
+                        blob: Arc::clone(self),
+                    }));
+                }
+            }
+            let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + wait);
+            if now >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(nap.min(deadline - now));
+            nap = (nap * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn release(&self) {
+        let mut holders = lock(&self.holders);
+        *holders = holders.saturating_sub(1);
+        if *holders == 0 {
+            if let Err(e) = ofd::unlock(&self.file) {
+                error!("cannot drop the shared lock on the blob: {e}; closing that file instead");
+                self.broken.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A share of the shared OFD lock on the blob: the lease's hold on it. The lock is released
+/// when the last share of that open file is dropped.
+#[derive(Debug)]
+pub struct BlobLock {
+    blob: Arc<OpenBlob>,
+}
+
+impl Drop for BlobLock {
+    fn drop(&mut self) {
+        self.blob.release();
+    }
+}
+
 #[derive(Debug)]
 struct Cached {
     key: FileKey,
-    bytes: Arc<[u8]>,
+    /// The validated bytes, or why this version is not valid.
+    verdict: Result<Arc<[u8]>, BlobError>,
+    /// Read safely after the last change (see [`RACY_WINDOW`]).
     trusted: bool,
+    /// When the file's bytes were last read and compared.
+    verified: Instant,
 }
 
 #[derive(Debug, Default)]
 struct LogGate {
     last: Option<(String, Instant)>,
+    suppressed: u64,
 }
 
 impl LogGate {
-    fn should_log(&mut self, message: &str) -> bool {
+    /// Whether to log `message` now, and how many repeats were suppressed before it.
+    fn admit(&mut self, message: &str) -> Option<u64> {
         let now = Instant::now();
         let fresh = match &self.last {
             Some((m, at)) => m != message || now.duration_since(*at) >= ERROR_LOG_INTERVAL,
             None => true,
         };
-        if fresh {
-            self.last = Some((message.to_owned(), now));
+        if !fresh {
+            self.suppressed += 1;
+            return None;
         }
-        fresh
+        self.last = Some((message.to_owned(), now));
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
 /// Counters a caller (metrics, tests, benchmarks) can read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BlobStats {
-    /// Times the file's bytes were read and validated.
+    /// Times the file's bytes were read (and validated unless equal to the cached ones).
     pub reloads: u64,
     /// Times a read version failed validation.
     pub invalid: u64,
+    /// Times the blob was opened (the first time, and after the path was replaced).
+    pub opens: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    reloads: AtomicU64,
+    invalid: AtomicU64,
+    opens: AtomicU64,
 }
 
 /// The blob at one path, with the last validated version cached.
@@ -119,8 +244,11 @@ pub struct BlobStore {
     lock_wait: Duration,
     missing: MissingCerts,
     racy_window: Duration,
+    reverify: Duration,
+    empty: Arc<[u8]>,
+    current: Mutex<Option<Arc<OpenBlob>>>,
     cache: Mutex<Option<Cached>>,
-    stats: Mutex<BlobStats>,
+    counters: Counters,
     errors: Mutex<LogGate>,
 }
 
@@ -137,8 +265,11 @@ impl BlobStore {
             lock_wait,
             missing,
             racy_window: RACY_WINDOW,
+            reverify: REVERIFY_INTERVAL,
+            empty: Arc::from(&EMPTY_TABLE[..]),
+            current: Mutex::new(None),
             cache: Mutex::new(None),
-            stats: Mutex::new(BlobStats::default()),
+            counters: Counters::default(),
             errors: Mutex::new(LogGate::default()),
         }
     }
@@ -150,112 +281,236 @@ impl BlobStore {
 
     /// Counters so far.
     pub fn stats(&self) -> BlobStats {
-        *lock(&self.stats)
+        BlobStats {
+            reloads: self.counters.reloads.load(Ordering::Relaxed),
+            invalid: self.counters.invalid.load(Ordering::Relaxed),
+            opens: self.counters.opens.load(Ordering::Relaxed),
+        }
     }
 
-    /// Opens and share-locks the blob and returns the version to serve.
+    /// Share-locks the blob and returns the version to serve.
     pub fn fetch(&self) -> Fetch {
-        let file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.missing(),
-            Err(e) => return self.fail_again(format!("cannot open {}: {e}", self.path.display())),
-        };
-        match ofd::lock_within(&file, LockKind::Shared, self.lock_wait) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Fetch::Again(format!(
-                    "{} is locked by an updater (waited {:?})",
-                    self.path.display(),
-                    self.lock_wait
-                ))
+        let current = lock(&self.current)
+            .as_ref()
+            .filter(|b| !b.broken.load(Ordering::Relaxed))
+            .map(Arc::clone);
+        if let Some(blob) = current {
+            let share = match self.acquire(&blob) {
+                Ok(s) => s,
+                Err(f) => return f,
+            };
+            // Under the lock: is the path still this file, and which version does it hold?
+            match std::fs::metadata(&self.path) {
+                Ok(meta) if meta.dev() == blob.dev && meta.ino() == blob.ino => {
+                    return self.serve(&blob, share, FileKey::of(&meta))
+                }
+                // Replaced (renamed over, or a symlink swapped): serve the new file.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    drop(share);
+                    self.forget(&blob);
+                    return self.missing();
+                }
+                Err(e) => return self.fail_again(self.io_error("stat", &e)),
             }
-            Err(e) => return self.fail_again(format!("cannot lock {}: {e}", self.path.display())),
+            drop(share);
+            self.forget(&blob);
         }
-        let meta = match file.metadata() {
-            Ok(m) => m,
-            Err(e) => return self.fail_again(format!("cannot stat {}: {e}", self.path.display())),
+        // The file we open now was at the path after this request began, so it is as new as
+        // the request needs, even if the path is replaced again before we lock it.
+        let blob = match self.open() {
+            Ok(Some(b)) => b,
+            Ok(None) => return self.missing(),
+            Err(e) => return self.fail_again(e),
         };
-        let key = FileKey::of(&meta);
-        if let Some(c) = lock(&self.cache).as_ref() {
-            if c.trusted && c.key == key {
-                return Fetch::Table {
-                    bytes: Arc::clone(&c.bytes),
-                    lock: Some(file),
-                };
-            }
+        let share = match self.acquire(&blob) {
+            Ok(s) => s,
+            Err(f) => return f,
+        };
+        match blob.file.metadata() {
+            Ok(meta) => self.serve(&blob, share, FileKey::of(&meta)),
+            Err(e) => self.fail_again(self.io_error("stat", &e)),
         }
-        self.reload(file, key)
     }
 
-    fn reload(&self, file: File, key: FileKey) -> Fetch {
-        let read_at = SystemTime::now();
-        if key.size > MAX_TABLE_BYTES as u64 {
-            let err = TableError::TooLarge(key.size as usize);
-            return self.invalid(err);
+    /// A share of `blob`'s shared lock, or the answer when the lock cannot be had.
+    fn acquire(&self, blob: &Arc<OpenBlob>) -> Result<BlobLock, Fetch> {
+        match blob.acquire(self.lock_wait) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(Fetch::Again(BlobError::Locked {
+                path: self.path.clone(),
+                waited: self.lock_wait,
+            })),
+            Err(e) => Err(self.fail_again(self.io_error("lock", &e))),
         }
-        let mut bytes = Vec::with_capacity(key.size as usize);
-        if let Err(e) = (&file)
-            .take(MAX_TABLE_BYTES as u64 + 1)
-            .read_to_end(&mut bytes)
+    }
+
+    fn io_error(&self, what: &'static str, e: &io::Error) -> BlobError {
+        BlobError::Io {
+            what,
+            path: self.path.clone(),
+            error: e.to_string(),
+        }
+    }
+
+    /// Opens the file at the path and makes it the one to serve from. `Ok(None)`: missing.
+    fn open(&self) -> Result<Option<Arc<OpenBlob>>, BlobError> {
+        // O_NONBLOCK: a FIFO put at the path must not hang the request in open().
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path)
         {
-            return self.fail_again(format!("cannot read {}: {e}", self.path.display()));
-        }
-        lock(&self.stats).reloads += 1;
-        let mut cache = lock(&self.cache);
-        // Same bytes as cached: keep the validated copy.
-        let bytes: Arc<[u8]> = match cache.as_ref() {
-            Some(c) if *c.bytes == bytes[..] => Arc::clone(&c.bytes),
-            _ => match Table::parse(&bytes) {
-                Ok(t) => Arc::from(t.into_bytes()),
-                Err(e) => {
-                    // The old version is not served either: the file is no longer it.
-                    *cache = None;
-                    drop(cache);
-                    return self.invalid(e);
-                }
-            },
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io_error("open", &e)),
         };
+        let meta = file.metadata().map_err(|e| self.io_error("stat", &e))?;
+        if !meta.is_file() {
+            return Err(BlobError::NotRegular(self.path.clone()));
+        }
+        self.counters.opens.fetch_add(1, Ordering::Relaxed);
+        let blob = Arc::new(OpenBlob {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            holders: Mutex::new(0),
+            broken: AtomicBool::new(false),
+        });
+        *lock(&self.current) = Some(Arc::clone(&blob));
+        Ok(Some(blob))
+    }
+
+    /// Stops serving from `blob` (the path names another file, or none). Leases taken through
+    /// it keep it open and locked until they end.
+    fn forget(&self, blob: &Arc<OpenBlob>) {
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, blob)) {
+            *current = None;
+        }
+    }
+
+    /// Serves the version `key` of the share-locked `blob`: from the cache when it is known to
+    /// be that version, otherwise by reading it.
+    fn serve(&self, blob: &OpenBlob, share: BlobLock, key: FileKey) -> Fetch {
+        {
+            let cache = lock(&self.cache);
+            if let Some(c) = cache.as_ref() {
+                if c.key == key && c.trusted && c.verified.elapsed() < self.reverify {
+                    return match &c.verdict {
+                        Ok(bytes) => Fetch::Table {
+                            bytes: Arc::clone(bytes),
+                            lock: Some(share),
+                        },
+                        Err(e) => {
+                            let e = e.clone();
+                            drop(cache);
+                            self.fail_again(e)
+                        }
+                    };
+                }
+            }
+        }
+        self.reload(blob, share, key)
+    }
+
+    fn reload(&self, blob: &OpenBlob, share: BlobLock, key: FileKey) -> Fetch {
+        let read_at = SystemTime::now();
+        let verdict = if key.size > MAX_TABLE_BYTES as u64 {
+            Err(TableError::TooLarge(key.size as usize))
+        } else {
+            match read_all(&blob.file, key.size as usize) {
+                Ok(bytes) if bytes.len() as u64 != key.size => {
+                    return self.fail_again(BlobError::Changed(self.path.clone()))
+                }
+                Ok(bytes) => Ok(bytes),
+                Err(e) => return self.fail_again(self.io_error("read", &e)),
+            }
+        };
+        self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        let mut cache = lock(&self.cache);
+        let verdict = match verdict {
+            Ok(bytes) => match cache.as_ref().map(|c| &c.verdict) {
+                // Same bytes as cached: keep the validated copy.
+                Some(Ok(old)) if **old == bytes[..] => Ok(Arc::clone(old)),
+                _ => Table::parse(&bytes).map(|t| Arc::from(t.into_bytes())),
+            },
+            Err(e) => Err(e),
+        };
+        let verdict = verdict.map_err(|error| BlobError::Invalid {
+            path: self.path.clone(),
+            error,
+        });
+        // The old version is not served either: the file is no longer it.
         *cache = Some(Cached {
             key,
-            bytes: Arc::clone(&bytes),
+            verdict: verdict.clone(),
             trusted: key.settled_at(read_at, self.racy_window),
+            verified: Instant::now(),
         });
-        Fetch::Table {
-            bytes,
-            lock: Some(file),
+        drop(cache);
+        match verdict {
+            Ok(bytes) => Fetch::Table {
+                bytes,
+                lock: Some(share),
+            },
+            Err(e) => {
+                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                self.fail_again(e)
+            }
         }
     }
 
     fn missing(&self) -> Fetch {
         match self.missing {
             MissingCerts::Empty => Fetch::Table {
-                bytes: Arc::from(&EMPTY_TABLE[..]),
+                bytes: Arc::clone(&self.empty),
                 lock: None,
             },
-            MissingCerts::Again => Fetch::Again(format!("{} does not exist", self.path.display())),
-            MissingCerts::Io => Fetch::Io(format!("{} does not exist", self.path.display())),
+            MissingCerts::Again => Fetch::Again(BlobError::Missing(self.path.clone())),
+            MissingCerts::Io => Fetch::Io(BlobError::Missing(self.path.clone())),
         }
     }
 
-    fn invalid(&self, err: TableError) -> Fetch {
-        lock(&self.stats).invalid += 1;
-        self.fail_again(format!(
-            "{} is not a valid certificate table: {err}",
-            self.path.display()
-        ))
-    }
-
-    fn fail_again(&self, why: String) -> Fetch {
-        if lock(&self.errors).should_log(&why) {
-            error!("{why}; answering EAGAIN");
+    fn fail_again(&self, why: BlobError) -> Fetch {
+        let message = why.to_string();
+        if let Some(suppressed) = lock(&self.errors).admit(&message) {
+            if suppressed > 0 {
+                error!("{message}; answering EAGAIN ({suppressed} similar errors not logged)");
+            } else {
+                error!("{message}; answering EAGAIN");
+            }
         }
         Fetch::Again(why)
     }
 }
 
+/// Reads the whole file from offset 0 (pread: the open file is shared between threads), at
+/// most [`MAX_TABLE_BYTES`] + 1 bytes.
+fn read_all(file: &File, size_hint: usize) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; size_hint.min(MAX_TABLE_BYTES) + 1];
+    let mut got = 0;
+    loop {
+        if got == bytes.len() {
+            if bytes.len() > MAX_TABLE_BYTES {
+                break;
+            }
+            bytes.resize((bytes.len() * 2).min(MAX_TABLE_BYTES + 1), 0);
+        }
+        match file.read_at(&mut bytes[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(got);
+    Ok(bytes)
+}
+
 /// Logs at warn that a table cannot reach Linux guests, once per distinct size.
 pub fn warn_if_too_large_for_linux(len: usize) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     static LAST: AtomicUsize = AtomicUsize::new(0);
     if len > coco_protocol::table::LINUX_GUEST_MAX_BYTES && LAST.swap(len, Ordering::Relaxed) != len
     {
@@ -270,10 +525,20 @@ pub fn warn_if_too_large_for_linux(len: usize) {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("blob-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        p
+    struct Tmp(PathBuf);
+
+    impl Tmp {
+        fn new(name: &str) -> Tmp {
+            let p = std::env::temp_dir().join(format!("blob-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_file(&p);
+            Tmp(p)
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 
     fn table(fill: u8) -> Vec<u8> {
@@ -290,59 +555,252 @@ mod tests {
         }
     }
 
+    fn store(p: &Path) -> BlobStore {
+        BlobStore::new(p, Duration::from_millis(10), MissingCerts::Empty)
+    }
+
+    /// A store that trusts a version at once (no racy window): cache behaviour is then
+    /// deterministic within one timestamp tick.
+    fn trusting(p: &Path) -> BlobStore {
+        let mut s = store(p);
+        s.racy_window = Duration::ZERO;
+        s
+    }
+
+    fn exclusive_free(p: &Path) -> bool {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open");
+        ofd::try_lock(&f, LockKind::Exclusive).expect("lock")
+    }
+
     #[test]
     fn missing_policy_applies() {
-        let p = tmp("missing");
+        let p = Tmp::new("missing");
         let d = Duration::from_millis(10);
         assert_eq!(
-            served(BlobStore::new(&p, d, MissingCerts::Empty).fetch()),
+            served(BlobStore::new(&p.0, d, MissingCerts::Empty).fetch()),
             EMPTY_TABLE
         );
         assert!(matches!(
-            BlobStore::new(&p, d, MissingCerts::Again).fetch(),
-            Fetch::Again(_)
+            BlobStore::new(&p.0, d, MissingCerts::Again).fetch(),
+            Fetch::Again(BlobError::Missing(_))
         ));
         assert!(matches!(
-            BlobStore::new(&p, d, MissingCerts::Io).fetch(),
-            Fetch::Io(_)
+            BlobStore::new(&p.0, d, MissingCerts::Io).fetch(),
+            Fetch::Io(BlobError::Missing(_))
         ));
     }
 
     #[test]
     fn fresh_files_are_reread_until_settled() {
-        let p = tmp("racy");
-        std::fs::write(&p, table(1)).expect("write");
-        let store = BlobStore::new(&p, Duration::from_millis(10), MissingCerts::Empty);
+        let p = Tmp::new("racy");
+        std::fs::write(&p.0, table(1)).expect("write");
+        let store = store(&p.0);
         assert_eq!(served(store.fetch()), table(1));
         // Same size, same second: only the racy rule makes this visible.
-        std::fs::write(&p, table(2)).expect("write");
+        std::fs::write(&p.0, table(2)).expect("write");
         assert_eq!(served(store.fetch()), table(2));
         assert_eq!(store.stats().reloads, 2);
         // An invalid version is not served, and neither is the old one.
-        std::fs::write(&p, b"garbage").expect("write");
-        assert!(matches!(store.fetch(), Fetch::Again(_)));
+        std::fs::write(&p.0, b"garbage").expect("write");
+        assert!(matches!(
+            store.fetch(),
+            Fetch::Again(BlobError::Invalid { .. })
+        ));
         assert_eq!(store.stats().invalid, 1);
-        std::fs::remove_file(&p).expect("rm");
     }
 
     #[test]
     fn settled_versions_are_served_from_cache() {
-        let p = tmp("settled");
-        std::fs::write(&p, table(3)).expect("write");
-        let key = FileKey::of(&std::fs::metadata(&p).expect("stat"));
+        let p = Tmp::new("settled");
+        std::fs::write(&p.0, table(3)).expect("write");
+        let key = FileKey::of(&std::fs::metadata(&p.0).expect("stat"));
         assert!(!key.settled_at(SystemTime::now(), RACY_WINDOW));
         assert!(key.settled_at(SystemTime::now() + Duration::from_secs(3), RACY_WINDOW));
 
-        // With no racy window, the second fetch is a cache hit; a changed size is not.
-        let mut store = BlobStore::new(&p, Duration::from_millis(10), MissingCerts::Empty);
-        store.racy_window = Duration::ZERO;
+        let store = trusting(&p.0);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(served(store.fetch()), table(3));
         assert_eq!(served(store.fetch()), table(3));
         assert_eq!(store.stats().reloads, 1);
-        std::fs::write(&p, EMPTY_TABLE).expect("write");
+        assert_eq!(store.stats().opens, 1, "the open file is kept");
+        std::fs::write(&p.0, EMPTY_TABLE).expect("write");
         assert_eq!(served(store.fetch()), EMPTY_TABLE);
         assert_eq!(store.stats().reloads, 2);
-        std::fs::remove_file(&p).expect("rm");
+        assert_eq!(
+            store.stats().opens,
+            1,
+            "an in-place rewrite needs no new open"
+        );
+    }
+
+    #[test]
+    fn an_invalid_version_is_not_reparsed_on_every_request() {
+        let p = Tmp::new("invalid");
+        std::fs::write(&p.0, b"not a table at all").expect("write");
+        let store = trusting(&p.0);
+        for _ in 0..5 {
+            assert!(matches!(
+                store.fetch(),
+                Fetch::Again(BlobError::Invalid { .. })
+            ));
+        }
+        assert_eq!(store.stats().reloads, 1);
+        assert_eq!(store.stats().invalid, 1);
+        std::fs::write(&p.0, table(4)).expect("write");
+        assert_eq!(served(store.fetch()), table(4));
+    }
+
+    #[test]
+    fn a_renamed_over_blob_is_served_at_once_and_old_leases_keep_the_old_file() {
+        let p = Tmp::new("rename");
+        let tmp = Tmp::new("rename-tmp");
+        std::fs::write(&p.0, table(5)).expect("write");
+        let store = trusting(&p.0);
+        let old_lease = match store.fetch() {
+            Fetch::Table { bytes, lock } => {
+                assert_eq!(*bytes, table(5)[..]);
+                lock.expect("a lease")
+            }
+            other => panic!("{other:?}"),
+        };
+        std::fs::write(&tmp.0, table(6)).expect("write");
+        std::fs::rename(&tmp.0, &p.0).expect("rename");
+        let new_lease = match store.fetch() {
+            Fetch::Table { bytes, lock } => {
+                assert_eq!(*bytes, table(6)[..], "the new file, at once");
+                lock.expect("a lease")
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(store.stats().opens, 2);
+        assert!(
+            !exclusive_free(&p.0),
+            "the new file is locked by the new lease"
+        );
+        drop(new_lease);
+        assert!(exclusive_free(&p.0));
+        // The old lease still locks the old (now unlinked) file until it ends.
+        assert_eq!(*lock(&old_lease.blob.holders), 1);
+        drop(old_lease);
+    }
+
+    #[test]
+    fn leases_share_one_lock_that_ends_with_the_last_of_them() {
+        let p = Tmp::new("share");
+        std::fs::write(&p.0, table(7)).expect("write");
+        let store = trusting(&p.0);
+        let take = || match store.fetch() {
+            Fetch::Table { lock, .. } => lock.expect("a lease"),
+            other => panic!("{other:?}"),
+        };
+        let (a, b) = (take(), take());
+        assert!(!exclusive_free(&p.0));
+        drop(a);
+        assert!(!exclusive_free(&p.0), "b still holds it");
+        drop(b);
+        assert!(exclusive_free(&p.0), "released with the last lease");
+        // A dropped Fetch releases its lock too.
+        drop(store.fetch());
+        assert!(exclusive_free(&p.0));
+    }
+
+    #[test]
+    fn an_updaters_lock_means_eagain_after_the_wait() {
+        let p = Tmp::new("updater");
+        std::fs::write(&p.0, table(8)).expect("write");
+        let store = store(&p.0);
+        let w = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p.0)
+            .expect("open");
+        assert!(ofd::try_lock(&w, LockKind::Exclusive).expect("lock"));
+        let t = Instant::now();
+        assert!(matches!(
+            store.fetch(),
+            Fetch::Again(BlobError::Locked { .. })
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(10));
+        drop(w);
+        assert_eq!(served(store.fetch()), table(8));
+    }
+
+    #[test]
+    fn a_deleted_blob_follows_the_missing_policy_and_is_closed() {
+        let p = Tmp::new("deleted");
+        std::fs::write(&p.0, table(9)).expect("write");
+        let store = trusting(&p.0);
+        assert_eq!(served(store.fetch()), table(9));
+        std::fs::remove_file(&p.0).expect("rm");
+        assert_eq!(served(store.fetch()), EMPTY_TABLE);
+        assert!(
+            lock(&store.current).is_none(),
+            "the unlinked file is closed"
+        );
+        std::fs::write(&p.0, table(10)).expect("write");
+        assert_eq!(served(store.fetch()), table(10));
+    }
+
+    #[test]
+    fn a_fifo_or_directory_at_the_path_is_eagain_not_a_hang() {
+        let p = Tmp::new("fifo");
+        let c = std::ffi::CString::new(p.0.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo reads the NUL-terminated path during the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            store(&p.0).fetch(),
+            Fetch::Again(BlobError::NotRegular(_))
+        ));
+        let d = std::env::temp_dir().join(format!("blob-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        assert!(matches!(store(&d).fetch(), Fetch::Again(_)));
+        std::fs::remove_dir(&d).expect("rmdir");
+    }
+
+    #[test]
+    fn changes_that_leave_the_stamps_alone_are_seen_within_the_reverify_interval() {
+        // Writes through a shared mapping need not touch mtime/ctime (tmpfs never does).
+        let p = Tmp::new("mmap");
+        std::fs::write(&p.0, table(11)).expect("write");
+        let mut store = trusting(&p.0);
+        store.reverify = Duration::from_millis(50);
+        assert_eq!(served(store.fetch()), table(11));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p.0)
+            .expect("open");
+        let len = table(11).len();
+        // SAFETY: a fresh shared mapping of the whole (len-byte) file, checked for failure,
+        // written within its bounds and unmapped before `f` is dropped.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED);
+            std::ptr::copy_nonoverlapping(table(12).as_ptr(), map.cast::<u8>(), len);
+            libc::munmap(map, len);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(served(store.fetch()), table(12));
+    }
+
+    #[test]
+    fn log_gate_suppresses_repeats_and_counts_them() {
+        let mut g = LogGate::default();
+        assert_eq!(g.admit("a"), Some(0));
+        assert_eq!(g.admit("a"), None);
+        assert_eq!(g.admit("a"), None);
+        assert_eq!(g.admit("b"), Some(2));
+        assert_eq!(g.admit("b"), None);
     }
 }

@@ -1,30 +1,31 @@
 //! Leases: a shared lock on the blob kept from the moment a table was written into the guest
 //! until the request reached firmware (COCO_DONE), the connection closed, or the timeout.
-//! A lease owns the locked open file; dropping the lease closes it and so drops the lock.
+//! A lease owns its hold on the lock ([`BlobLock`]); dropping the lease drops that hold.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::time::{Duration, Instant};
 
+use crate::blob::BlobLock;
+
 #[derive(Debug)]
-struct Lease {
+struct Lease<L> {
     vcpu: u32,
     deadline: Instant,
-    _lock: File,
+    _lock: L,
 }
 
-/// One connection's leases.
+/// One connection's leases, each holding an `L` (the blob's lock; tests use other types).
 #[derive(Debug)]
-pub struct Leases {
-    held: HashMap<u64, Lease>,
+pub struct Leases<L = BlobLock> {
+    held: HashMap<u64, Lease<L>>,
     next_id: u64,
     max: usize,
     timeout: Duration,
 }
 
-impl Leases {
+impl<L> Leases<L> {
     /// No leases yet; at most `max` at once, each for at most `timeout`.
-    pub fn new(max: usize, timeout: Duration) -> Leases {
+    pub fn new(max: usize, timeout: Duration) -> Leases<L> {
         Leases {
             held: HashMap::new(),
             next_id: 1,
@@ -57,7 +58,7 @@ impl Leases {
     }
 
     /// Takes a lease for `vcpu` holding `lock`. The caller checked [`Leases::has_room`].
-    pub fn grant(&mut self, vcpu: u32, lock: File, now: Instant) -> u64 {
+    pub fn grant(&mut self, vcpu: u32, lock: L, now: Instant) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.held.insert(
@@ -99,6 +100,7 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     #[test]
     fn grant_release_expire() {
