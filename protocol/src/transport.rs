@@ -13,9 +13,13 @@ use crate::wire::{Header, WireError, HEADER_SIZE, MAX_FDS};
 /// Why a message could not be sent or received.
 #[derive(Debug, Error)]
 pub enum TransportError {
-    /// The socket failed (including a receive timeout).
+    /// The socket failed (including a receive timeout in the middle of a message).
     #[error("socket: {0}")]
     Io(#[from] io::Error),
+    /// The socket's receive timeout passed before any byte of a message arrived: the peer is
+    /// idle, which is not an error of the connection.
+    #[error("no message arrived within the receive timeout")]
+    Idle,
     /// The peer closed the connection in the middle of a message.
     #[error("peer closed the connection after {got} of {want} bytes")]
     Truncated { got: usize, want: usize },
@@ -39,11 +43,13 @@ pub struct Received {
 }
 
 /// Reads into `buf` completely, collecting any file descriptors that arrive on the way.
-/// Returns the bytes read, which is less than `buf.len()` only at end of stream.
+/// Returns the bytes read, which is less than `buf.len()` only at end of stream. `boundary`:
+/// `buf` starts a message, so a receive timeout before its first byte is [`TransportError::Idle`].
 fn read_full(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    boundary: bool,
 ) -> Result<usize, TransportError> {
     let mut got = 0;
     while got < buf.len() {
@@ -68,6 +74,9 @@ fn read_full(
                 got += n;
             }
             Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == libc::EAGAIN && boundary && got == 0 && fds.is_empty() => {
+                return Err(TransportError::Idle)
+            }
             // vmm-sys-util reports a truncated control message (it closed the fds) as ENOBUFS.
             Err(e) if e.errno() == libc::ENOBUFS => return Err(TransportError::TooManyFds),
             Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
@@ -76,11 +85,13 @@ fn read_full(
     Ok(got)
 }
 
-/// Receives one message. `Ok(None)` is a clean end of stream between messages.
+/// Receives one message. `Ok(None)` is a clean end of stream between messages. With a
+/// receive timeout set on the socket, [`TransportError::Idle`] says that it passed before the
+/// message began, and [`TransportError::Io`] (`WouldBlock`) that it passed in its middle.
 pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, TransportError> {
     let mut fds = Vec::new();
     let mut hdr = [0u8; HEADER_SIZE];
-    match read_full(stream, &mut hdr, &mut fds)? {
+    match read_full(stream, &mut hdr, &mut fds, true)? {
         0 if fds.is_empty() => return Ok(None),
         n if n < HEADER_SIZE => {
             return Err(TransportError::Truncated {
@@ -92,7 +103,7 @@ pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, TransportEr
     }
     let header = Header::decode(&hdr)?;
     let mut payload = vec![0u8; header.size as usize];
-    let n = read_full(stream, &mut payload, &mut fds)?;
+    let n = read_full(stream, &mut payload, &mut fds, false)?;
     if n < payload.len() {
         return Err(TransportError::Truncated {
             got: HEADER_SIZE + n,
@@ -179,6 +190,19 @@ mod tests {
         assert_eq!(m.fds.len(), 1);
         drop(a);
         assert!(recv_message(&b).expect("eof").is_none());
+    }
+
+    #[test]
+    fn a_timeout_between_messages_is_idle_and_within_one_is_an_error() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .expect("timeout");
+        assert!(matches!(recv_message(&b), Err(TransportError::Idle)));
+        send_bytes(&a, &[1, 0, 0, 0], &[]).expect("send");
+        assert!(matches!(
+            recv_message(&b),
+            Err(TransportError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock
+        ));
     }
 
     #[test]
