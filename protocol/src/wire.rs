@@ -1,6 +1,9 @@
 //! The channel's wire format: vhost-user framing, the vhost-user requests the channel uses,
 //! and the private confidential-computing requests. All integers are little-endian.
 //! `docs/protocol.md` is normative; the constants and layouts here follow it.
+//!
+//! Written by hand rather than on the `vhost` crate: its connection type sits in a private
+//! module and its request trait is `pub(super)`, so it cannot carry the private requests.
 
 use thiserror::Error;
 
