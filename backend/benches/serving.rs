@@ -1,14 +1,15 @@
 //! Serving benchmark for issue 4 (see docs/performance.md for method and results).
 //!
 //! ```sh
-//! cargo bench -p coco-sidecar --bench serving               # everything, ~2 minutes
+//! cargo bench -p coco-sidecar --bench serving               # everything, ~3 minutes
 //! cargo bench -p coco-sidecar --bench serving -- --quick    # 10x fewer requests, for a smoke run
 //! ```
 //!
-//! Options (after `--`): `--requests N` (per series, default 100000), `--rounds R` (default 10),
-//! `--placement pinned|free|both` (default both), `--done sync|async|none` (default sync),
-//! `--skip-latency`, `--skip-memory`, `--quick`; for profiling one path: `--only floor|in-process|sidecar`,
-//! `--conns 1|8`.
+//! Options (after `--`): `--requests N` (per series, default 100000), `--rounds R` (default
+//! 10), `--placement pinned|free|split|both|all` (default all), `--done sync|async|none`
+//! (default sync), `--skip-latency`, `--skip-memory`, `--quick`; to profile one path:
+//! `--only floor|in-process|sidecar`, `--conns 1|8`. `COCO_SIDECAR_BIN=PATH` measures another
+//! build of the sidecar (for before/after comparisons).
 //!
 //! Three ways of answering the same certificate request, measured in one run, interleaved in
 //! rounds so that background load hits all of them alike:
@@ -22,9 +23,10 @@
 //! - **in-process**: what a VMM does without a sidecar (the unmerged QEMU RFC): open the blob,
 //!   take the shared OFD lock, fstat, read the whole file into the mapped guest buffer, close.
 //!
-//! Each runs with 1 connection (or thread) and with 8 concurrent ones, both with every process
-//! pinned to CPU 0 and free to use all CPUs. Then memory (VmRSS idle, after 100,000 requests,
-//! with 64 connections), idle CPU, start-up time (exec to accepting) and binary size.
+//! Each runs with 1 connection (or thread) and with 8 concurrent ones: with every process
+//! pinned to CPU 0, free to use all CPUs, and split (clients on CPU 0, servers on CPU 1).
+//! Then memory (VmRSS idle, after 100,000 requests, with 64 connections), idle CPU, start-up
+//! time (exec to accepting) and binary size.
 //! Nothing here asserts a time: it measures and prints.
 
 use std::ffi::CString;
@@ -43,7 +45,12 @@ use coco_protocol::table::{CertKind, Table};
 use coco_protocol::wire::{ExitMsg, Header, Request, HEADER_SIZE};
 use coco_protocol::{Frontend, MemoryRegion};
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_coco-sidecar");
+/// The release sidecar cargo built for this bench; `COCO_SIDECAR_BIN` measures another build.
+fn sidecar_bin() -> PathBuf {
+    std::env::var_os("COCO_SIDECAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_coco-sidecar")))
+}
 /// Size of the served table: an ARK, an ASK and a VCEK of about AMD's sizes.
 const TABLE_BYTES: usize = 5000;
 /// The buffer a Linux guest offers: 4 pages.
@@ -56,8 +63,13 @@ const CONCURRENT: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placement {
+    /// Every process and thread on CPU 0.
     Pinned,
+    /// Wherever the scheduler puts them.
     Free,
+    /// Clients (and the in-process path) on CPU 0, the sidecar and the floor server on CPU 1:
+    /// every round trip crosses CPUs.
+    Split,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +102,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         requests: 100_000,
         rounds: 10,
-        placements: vec![Placement::Pinned, Placement::Free],
+        placements: vec![Placement::Pinned, Placement::Free, Placement::Split],
         done: DoneMode::Sync,
         latency: true,
         memory: true,
@@ -112,8 +124,10 @@ fn parse_opts() -> Opts {
                 o.placements = match value("--placement").as_str() {
                     "pinned" => vec![Placement::Pinned],
                     "free" => vec![Placement::Free],
+                    "split" => vec![Placement::Split],
                     "both" => vec![Placement::Pinned, Placement::Free],
-                    other => panic!("--placement {other}: pinned, free or both"),
+                    "all" => vec![Placement::Pinned, Placement::Free, Placement::Split],
+                    other => panic!("--placement {other}: pinned, free, split, both or all"),
                 }
             }
             "--done" => {
@@ -262,9 +276,21 @@ fn online_cpus() -> Vec<usize> {
 /// Sets the calling thread's CPUs; threads and processes it starts afterwards inherit them.
 fn place(p: Placement) {
     match p {
-        Placement::Pinned => set_affinity(&[0]),
+        Placement::Pinned | Placement::Split => set_affinity(&[0]),
         Placement::Free => set_affinity(&online_cpus()),
     }
+}
+
+/// Runs `f` (which starts server processes) with the CPUs their side gets under `p`.
+fn with_server_cpus<T>(p: Placement, f: impl FnOnce() -> T) -> T {
+    let cpus = online_cpus();
+    if p != Placement::Split || cpus.len() < 2 {
+        return f();
+    }
+    set_affinity(&[1]);
+    let t = f();
+    place(p);
+    t
 }
 
 /// A child process killed (by its own pid) when dropped.
@@ -301,7 +327,7 @@ fn wait_accepting(socket: &Path, child: &mut Child) -> Duration {
 
 fn start_sidecar(dir: &Path, name: &str, blob: &Path, extra: &[&str]) -> (Proc, PathBuf) {
     let socket = dir.join(format!("{name}.sock"));
-    let mut child = Command::new(SIDECAR)
+    let mut child = Command::new(sidecar_bin())
         .arg("serve")
         .arg("--socket")
         .arg(&socket)
@@ -675,6 +701,8 @@ struct Row {
     done: Option<Summary>,
     tally: Tally,
     wall: Duration,
+    /// CPU time the server process (sidecar or floor) used per request, EXIT and DONE.
+    server_cpu: Option<Duration>,
 }
 
 fn latency(opts: &Opts, dir: &Path, blob: &Path, expected: &[u8]) -> Vec<Row> {
@@ -685,8 +713,12 @@ fn latency(opts: &Opts, dir: &Path, blob: &Path, expected: &[u8]) -> Vec<Row> {
     for &placement in &opts.placements {
         place(placement);
         let tag = format!("{placement:?}").to_lowercase();
-        let (_sidecar, sidecar_sock) = start_sidecar(dir, &format!("lat-{tag}"), blob, &[]);
-        let (_floor, floor_sock) = start_floor(dir, &format!("floor-{tag}"), opts.done);
+        let ((sidecar, sidecar_sock), (floor, floor_sock)) = with_server_cpus(placement, || {
+            (
+                start_sidecar(dir, &format!("lat-{tag}"), blob, &[]),
+                start_floor(dir, &format!("floor-{tag}"), opts.done),
+            )
+        });
         for conns in [1, CONCURRENT] {
             if opts.conns.is_some_and(|c| c != conns) {
                 continue;
@@ -728,15 +760,24 @@ fn latency(opts: &Opts, dir: &Path, blob: &Path, expected: &[u8]) -> Vec<Row> {
             let mut samples: Vec<Samples> = setups.iter().map(|_| Samples::default()).collect();
             let mut tallies = vec![Tally::default(); setups.len()];
             let mut walls = vec![Duration::ZERO; setups.len()];
+            let mut ticks = vec![0u64; setups.len()];
+            let server = |k: Kind| match k {
+                Kind::Floor => Some(floor.pid()),
+                Kind::Sidecar => Some(sidecar.pid()),
+                Kind::InProcess => None,
+            };
             // Warm-up, then rounds interleaving the three kinds.
             for (_, setup) in setups.iter_mut() {
                 run_chunk(setup, &inproc, &mem, 2000 / conns, &mut Samples::default());
             }
             for _ in 0..opts.rounds {
-                for (i, (_, setup)) in setups.iter_mut().enumerate() {
+                for (i, (kind, setup)) in setups.iter_mut().enumerate() {
+                    let pid = server(*kind);
+                    let t0 = pid.map_or(0, cpu_ticks);
                     let t = Instant::now();
                     let tally = run_chunk(setup, &inproc, &mem, per_conn, &mut samples[i]);
                     walls[i] += t.elapsed();
+                    ticks[i] += pid.map_or(0, cpu_ticks) - t0;
                     tallies[i].ok += tally.ok;
                     tallies[i].again += tally.again;
                 }
@@ -750,6 +791,8 @@ fn latency(opts: &Opts, dir: &Path, blob: &Path, expected: &[u8]) -> Vec<Row> {
                     done: (!samples[i].done.is_empty()).then(|| summarize(&mut samples[i].done)),
                     tally: tallies[i],
                     wall: walls[i],
+                    server_cpu: server(*kind)
+                        .map(|_| ticks_to_duration(ticks[i]) / samples[i].exit.len().max(1) as u32),
                 });
             }
             eprintln!("  {placement:?} x{conns} done (load {})", loadavg());
@@ -762,15 +805,15 @@ fn print_latency(rows: &[Row]) {
     println!("\n### Round trip of one certificate request (microseconds)\n");
     println!(
         "| placement | conns | path | n | p50 | p99 | p99.9 | mean | req/s | EAGAIN | \
-         DONE p50 | DONE p99 |"
+         DONE p50 | DONE p99 | server CPU/req |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let done = r
             .done
             .map_or(("-".into(), "-".into()), |d| (us(d.p50), us(d.p99)));
         println!(
-            "| {:?} | {} | {:?} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {:?} | {} | {:?} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
             r.placement,
             r.conns,
             r.kind,
@@ -782,23 +825,29 @@ fn print_latency(rows: &[Row]) {
             r.summary.n as f64 / r.wall.as_secs_f64(),
             r.tally.again,
             done.0,
-            done.1
+            done.1,
+            r.server_cpu.map_or("-".into(), |c| us(c.as_nanos() as u64))
         );
     }
     println!("\n### Ratios and targets\n");
     println!(
         "| placement | conns | sidecar/floor p50 (<= 1.3) | sidecar/floor p99 (<= 1.5) | \
          sidecar/in-process p50 | sidecar/in-process p99 | own work p50-floor p50 (us) | \
-         half in-process p50 (us) |"
+         half in-process p50 (us) | own CPU/req: sidecar-floor (us) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut groups: Vec<(Placement, usize)> = rows.iter().map(|r| (r.placement, r.conns)).collect();
     groups.dedup();
     for (p, c) in groups {
-        let get = |k: Kind| {
+        let row = |k: Kind| {
             rows.iter()
                 .find(|r| r.placement == p && r.conns == c && r.kind == k)
-                .map(|r| r.summary)
+        };
+        let get = |k: Kind| row(k).map(|r| r.summary);
+        let cpu = |k: Kind| {
+            row(k)
+                .and_then(|r| r.server_cpu)
+                .map_or(0, |d| d.as_nanos() as i64)
         };
         let (Some(f), Some(i), Some(s)) =
             (get(Kind::Floor), get(Kind::InProcess), get(Kind::Sidecar))
@@ -808,13 +857,14 @@ fn print_latency(rows: &[Row]) {
         let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
         let own = s.p50 as i64 - f.p50 as i64;
         println!(
-            "| {p:?} | {c} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            "| {p:?} | {c} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
             ratio(s.p50, f.p50),
             ratio(s.p99, f.p99),
             ratio(s.p50, i.p50),
             ratio(s.p99, i.p99),
             own as f64 / 1000.0,
-            i.p50 as f64 / 2000.0
+            i.p50 as f64 / 2000.0,
+            (cpu(Kind::Sidecar) - cpu(Kind::Floor)) as f64 / 1000.0
         );
     }
 }
@@ -840,6 +890,12 @@ fn rss(pid: u32) -> String {
         status_kb(pid, "RssShmem:"),
         status_kb(pid, "Threads:")
     )
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf only reads a system value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 /// utime + stime in clock ticks.
@@ -915,7 +971,7 @@ fn memory(dir: &Path, blob: &Path) {
         .map(|i| {
             let socket = dir.join(format!("start-{i}.sock"));
             let t0 = Instant::now();
-            let mut child = Command::new(SIDECAR)
+            let mut child = Command::new(sidecar_bin())
                 .arg("serve")
                 .arg("--socket")
                 .arg(&socket)
@@ -941,9 +997,11 @@ fn memory(dir: &Path, blob: &Path) {
         times[times.len() / 2],
         times[times.len() - 1]
     );
-    let size = std::fs::metadata(SIDECAR).map(|m| m.len()).unwrap_or(0);
+    let bin = sidecar_bin();
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     println!(
-        "- binary: {SIDECAR}: {size} bytes ({:.2} MiB)",
+        "- binary: {}: {size} bytes ({:.2} MiB)",
+        bin.display(),
         size as f64 / 1048576.0
     );
 }
