@@ -153,3 +153,11 @@ pub fn health(args: &[&str]) -> Output {
 pub fn raw<T: AsRawFd>(t: &T) -> RawFd {
     t.as_raw_fd()
 }
+
+/// Prints one `SKIPPED: ...` line to the real standard error (one write, past the test
+/// harness's capture, so that it shows in `cargo test` output and cannot be split).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
