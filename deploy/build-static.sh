@@ -17,7 +17,7 @@ target_dir="${COCO_STATIC_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}/static}"
 # With an explicit --target, RUSTFLAGS reach only the target's crates, not build scripts or
 # proc macros, which stay dynamically linked host programs as they must.
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-  cargo build --locked --quiet -p coco-sidecar --bin coco-sidecar \
+  cargo build --quiet -p coco-sidecar --bin coco-sidecar \
   --profile "$profile" --target "$triple" >&2
 
 dir=$profile
