@@ -155,7 +155,9 @@ pub fn inherit(number: RawFd, how: &'static str) -> Result<Inherited, ListenErro
         why,
     };
     if number < 3 {
-        return Err(bad("descriptors 0, 1 and 2 are standard I/O".into()));
+        return Err(bad(
+            "it must be 3 or more (0, 1 and 2 are standard I/O)".into()
+        ));
     }
     // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
     if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {

@@ -51,6 +51,43 @@ fn an_inherited_fd_is_served_and_left_in_place() {
     );
 }
 
+/// What a supervisor that keeps the socket (systemd, a parent process) gives: a VMM that
+/// connects while the sidecar is down is queued by the kernel and served by the next sidecar,
+/// instead of getting ECONNREFUSED.
+#[test]
+fn an_inherited_socket_queues_connections_across_a_sidecar_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = table_of_size(2500, 5);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let socket = dir.path().join("kept.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let certs = blob.to_str().expect("utf-8");
+    let start = |log: &str| {
+        let cmd = command_with_fd(
+            &bin(),
+            &serve_args(certs, &["--fd", "4"]),
+            raw(&listener),
+            4,
+        );
+        let mut p = Proc::spawn(cmd, &dir.path().join(log));
+        p.wait_accepting(&socket);
+        p
+    };
+    let mut first = start("log1");
+    serve_one_request(&socket, &table);
+    let mut child = first.child.take().expect("running");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+
+    // Nobody accepts now, but the socket still listens: the connection is queued.
+    let queued = UnixStream::connect(&socket).expect("queued by the kernel");
+    let second = start("log2");
+    let mut vmm = coco_protocol::Frontend::handshake(queued).expect("served by the new sidecar");
+    assert_eq!(vmm.caps().expect("caps").coco_subtypes, 1);
+    serve_one_request(&socket, &table);
+    drop(second);
+}
+
 #[test]
 fn an_fd_that_is_not_a_listening_unix_stream_socket_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -82,7 +119,7 @@ fn an_fd_that_is_not_a_listening_unix_stream_socket_is_refused() {
         .args(serve_args("/x", &["--fd", "2"]))
         .output()
         .expect("run");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("standard I/O"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("it must be 3 or more"));
     let out = Command::new(bin())
         .args(serve_args("/x", &[]))
         .output()
