@@ -179,8 +179,8 @@ fn probe_blob(path: &std::path::Path, opts: &HealthOptions) -> Result<BlobState,
                 entries,
             })
         }
-        Fetch::Again(why) => Err(HealthError::BlobAgain(why)),
-        Fetch::Io(why) => Err(HealthError::BlobIo(why)),
+        Fetch::Again(why) => Err(HealthError::BlobAgain(why.to_string())),
+        Fetch::Io(why) => Err(HealthError::BlobIo(why.to_string())),
     }
 }
 
