@@ -17,8 +17,8 @@
 //!   Two writes can share one timestamp tick, so a version whose ctime is within
 //!   [`RACY_WINDOW`] of the moment it was read is not trusted: it is re-read (and compared)
 //!   on each request until a read happens well after its ctime (git's "racy clean" rule);
-//! - writes that bypass the stamps (through a shared mapping) are caught by re-reading a
-//!   cached version at least every [`REVERIFY_INTERVAL`].
+//! - writes that bypass the stamps (through a shared mapping whose pages are already dirty)
+//!   are caught by re-reading a cached version at least every [`REVERIFY_INTERVAL`].
 //!
 //! A version that fails validation is never served, and neither is the previous one once the
 //! file changed: requests get EAGAIN and an error is logged at most every
@@ -763,35 +763,48 @@ mod tests {
 
     #[test]
     fn changes_that_leave_the_stamps_alone_are_seen_within_the_reverify_interval() {
-        // Writes through a shared mapping need not touch mtime/ctime (tmpfs never does).
+        // Writes through a shared mapping stamp the file only at the first write fault of a
+        // clean page; later writes to the dirty page change no stamp.
         let p = Tmp::new("mmap");
         std::fs::write(&p.0, table(11)).expect("write");
         let mut store = trusting(&p.0);
-        store.reverify = Duration::from_millis(50);
-        assert_eq!(served(store.fetch()), table(11));
+        store.reverify = Duration::from_millis(200);
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&p.0)
             .expect("open");
         let len = table(11).len();
-        // SAFETY: a fresh shared mapping of the whole (len-byte) file, checked for failure,
-        // written within its bounds and unmapped before `f` is dropped.
-        unsafe {
-            let map = libc::mmap(
+        // SAFETY: a fresh shared mapping of the whole (len-byte) file, checked for failure;
+        // it is only written within its bounds and unmapped at the end of the test.
+        let map = unsafe {
+            libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 std::os::fd::AsRawFd::as_raw_fd(&f),
                 0,
-            );
-            assert_ne!(map, libc::MAP_FAILED);
-            std::ptr::copy_nonoverlapping(table(12).as_ptr(), map.cast::<u8>(), len);
-            libc::munmap(map, len);
-        }
-        std::thread::sleep(Duration::from_millis(60));
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let put = |t: &[u8]| {
+            // SAFETY: `t` is len bytes, the mapping is len bytes, live and writable.
+            unsafe { std::ptr::copy_nonoverlapping(t.as_ptr(), map.cast::<u8>(), len) }
+        };
+        put(&table(12));
+        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(served(store.fetch()), table(12));
+        let stamps = FileKey::of(&std::fs::metadata(&p.0).expect("stat"));
+        put(&table(13));
+        if FileKey::of(&std::fs::metadata(&p.0).expect("stat")) == stamps {
+            // Invisible to the stamps: the cached version is served until the interval ends.
+            assert_eq!(served(store.fetch()), table(12));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(served(store.fetch()), table(13));
+        // SAFETY: unmaps the mapping made above; nothing uses it afterwards.
+        unsafe { libc::munmap(map, len) };
     }
 
     #[test]
