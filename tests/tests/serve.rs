@@ -591,15 +591,16 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
     let pipe = std::process::Command::new("true")
         .stdout(std::process::Stdio::piped())
         .spawn();
-    let child = pipe.expect("spawn");
-    let stdout = child.stdout.as_ref().expect("pipe");
+    let mut child = pipe.expect("spawn");
+    let stdout = child.stdout.take().expect("pipe");
     let mut not_file = other.region(8 * RAM);
-    not_file.fd = std::os::fd::AsFd::as_fd(stdout);
+    not_file.fd = std::os::fd::AsFd::as_fd(&stdout);
     assert_eq!(
         rejected(vmm.add_mem_region(&not_file)),
         libc::EBADF,
         "a pipe is not memory"
     );
+    child.wait().expect("reap the pipe's writer");
     assert_eq!(
         rejected(vmm.remove_mem_region(RegionDesc {
             guest_phys_addr: 4 * RAM,
