@@ -23,6 +23,7 @@ use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
 use log::{error, warn};
 
 use crate::config::MissingCerts;
+use crate::metrics::Histogram;
 use crate::ofd::{self, LockKind};
 
 /// A cached version is trusted only if it was read this long after the file's last change.
@@ -121,6 +122,7 @@ pub struct BlobStore {
     racy_window: Duration,
     cache: Mutex<Option<Cached>>,
     stats: Mutex<BlobStats>,
+    lock_wait_seconds: Histogram,
     errors: Mutex<LogGate>,
 }
 
@@ -139,6 +141,7 @@ impl BlobStore {
             racy_window: RACY_WINDOW,
             cache: Mutex::new(None),
             stats: Mutex::new(BlobStats::default()),
+            lock_wait_seconds: Histogram::default(),
             errors: Mutex::new(LogGate::default()),
         }
     }
@@ -153,6 +156,11 @@ impl BlobStore {
         *lock(&self.stats)
     }
 
+    /// Time each request spent taking the shared lock (for metrics).
+    pub fn lock_wait(&self) -> &Histogram {
+        &self.lock_wait_seconds
+    }
+
     /// Opens and share-locks the blob and returns the version to serve.
     pub fn fetch(&self) -> Fetch {
         let file = match File::open(&self.path) {
@@ -160,7 +168,10 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return self.missing(),
             Err(e) => return self.fail_again(format!("cannot open {}: {e}", self.path.display())),
         };
-        match ofd::lock_within(&file, LockKind::Shared, self.lock_wait) {
+        let waiting = Instant::now();
+        let locked = ofd::lock_within(&file, LockKind::Shared, self.lock_wait);
+        self.lock_wait_seconds.observe(waiting.elapsed());
+        match locked {
             Ok(true) => {}
             Ok(false) => {
                 return Fetch::Again(format!(

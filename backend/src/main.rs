@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coco_sidecar::tool::{self, check, files, install::InstallOptions};
-use coco_sidecar::{Config, MissingCerts, Server, Shutdown};
+use coco_sidecar::{metrics, seccomp, Config, MissingCerts, Server, Shutdown};
 
 /// Serves AMD SEV-SNP certificate tables to a VMM's confidential guests.
 #[derive(Debug, Parser)]
@@ -275,6 +275,12 @@ struct ServeArgs {
     /// Accept guest memory files without F_SEAL_SHRINK (size-checked before each write).
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Do not install the seccomp filter (see docs/hardening.md).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -302,6 +308,8 @@ impl TryFrom<ServeArgs> for Config {
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
         c.allow_unsealed_memory = a.allow_unsealed_memory;
+        c.metrics = a.metrics;
+        c.seccomp = !a.no_seccomp;
         Ok(c)
     }
 }
@@ -311,7 +319,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let shutdown = Shutdown::new()
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let (metrics, seccomp) = (config.metrics.clone(), config.seccomp);
     let server = Server::bind(config).map_err(|e| e.to_string())?;
+    // Every socket exists from here on: the filter forbids making new ones.
+    if let Some(addr) = metrics {
+        metrics::Exporter::start(&addr, server.metrics(), server.store())
+            .map_err(|e| e.to_string())?;
+    }
+    if seccomp {
+        seccomp::install().map_err(|e| e.to_string())?;
+    }
     server.run(&shutdown).map_err(|e| e.to_string())
 }
 

@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::blob::BlobStore;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::session::{Outcome, Session};
 
 /// Why the server could not start or stopped.
@@ -106,6 +107,7 @@ pub struct Server {
     listener: UnixListener,
     config: Config,
     store: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
 }
 
 fn prepare_path(path: &Path) -> Result<(), ServerError> {
@@ -142,12 +144,18 @@ impl Server {
             listener,
             config,
             store,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
     /// The blob store (for counters).
     pub fn store(&self) -> Arc<BlobStore> {
         Arc::clone(&self.store)
+    }
+
+    /// The process's counters (for the metrics endpoint and tests).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Serves until `shutdown` triggers; then stops accepting, closes every connection (so
@@ -190,6 +198,7 @@ impl Server {
                     "connection {next_id} refused: already {} connections (--max-connections)",
                     self.config.max_connections
                 );
+                self.metrics.connection_refused();
                 continue;
             }
             match self.spawn(next_id, stream, &active) {
@@ -216,19 +225,25 @@ impl Server {
         stream: UnixStream,
         active: &Arc<AtomicUsize>,
     ) -> io::Result<(UnixStream, JoinHandle<()>)> {
-        let session = Session::new(id, &self.config, Arc::clone(&self.store));
+        let session = Session::new(id, &self.config, Arc::clone(&self.store))
+            .with_metrics(Arc::clone(&self.metrics));
+        let metrics = Arc::clone(&self.metrics);
         let io_timeout = self.config.io_timeout;
         let active = Arc::clone(active);
         let peer = stream.try_clone()?;
         active.fetch_add(1, Ordering::SeqCst);
+        metrics.connection_opened();
         let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn({
             let active = Arc::clone(&active);
+            let metrics = Arc::clone(&metrics);
             move || {
                 info!("connection {id}: accepted");
-                match serve_connection(&stream, session, io_timeout) {
+                let result = serve_connection(&stream, session, io_timeout);
+                match &result {
                     Ok(()) => info!("connection {id}: closed by peer"),
                     Err(e) => warn!("connection {id}: dropped: {e}"),
                 }
+                metrics.connection_closed(result.is_err());
                 // The accept loop keeps a clone of this socket for shutdown; without this the
                 // peer would not see the close until that clone is pruned.
                 let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -239,6 +254,7 @@ impl Server {
             Ok(handle) => Ok((peer, handle)),
             Err(e) => {
                 active.fetch_sub(1, Ordering::SeqCst);
+                metrics.connection_closed(true);
                 Err(e)
             }
         }
