@@ -283,7 +283,7 @@ fn serve_connection(
         if !ready[0] {
             continue;
         }
-        let msg = match transport::recv_message(stream) {
+        let msg = match transport::recv_message_within(stream, io_timeout) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 if session.leases_held() > 0 {
