@@ -9,6 +9,7 @@ pub mod lease;
 pub mod memory;
 pub mod metrics;
 pub mod ofd;
+pub mod rlimit;
 pub mod seccomp;
 pub mod server;
 pub mod session;

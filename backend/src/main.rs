@@ -320,6 +320,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
     let (metrics, seccomp) = (config.metrics.clone(), config.seccomp);
+    coco_sidecar::rlimit::prepare(config.max_connections, config.max_leases);
     let server = Server::bind(config).map_err(|e| e.to_string())?;
     // Every socket exists from here on: the filter forbids making new ones.
     if let Some(addr) = metrics {

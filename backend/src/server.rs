@@ -19,6 +19,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::{Outcome, Session};
 
+/// Pause after a failed accept (EMFILE, ENFILE, ENOMEM), so that a full descriptor table
+/// does not turn the accept loop into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Why the server could not start or stopped.
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -188,6 +192,9 @@ impl Server {
                 Ok((s, _)) => s,
                 Err(e) => {
                     warn!("accept failed: {e}");
+                    // Out of descriptors or memory, the connection stays queued and poll
+                    // reports it again at once: pause rather than spin on it.
+                    thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };

@@ -279,3 +279,86 @@ fn sixteen_connections_are_served_and_the_17th_is_refused_and_logged() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').expect("comm").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn out_of_descriptors_means_eagain_and_a_paused_accept_loop_then_recovery() {
+    let (dir, table, sidecar) = blob_sidecar(&["--lease-timeout-ms", "60000"]);
+    let blob = dir.path().join("certs.bin");
+    assert!(
+        sidecar.log().contains("descriptor limit"),
+        "{}",
+        sidecar.log()
+    );
+    let mem = GuestMem::new(1 << 20, CANARY);
+    let mut a = sidecar.connect();
+    a.set_mem_table(&[mem.region(0)]).expect("memory");
+    // Squeeze the running sidecar to 40 descriptors (soft and hard).
+    let tight = libc::rlimit {
+        rlim_cur: 40,
+        rlim_max: 40,
+    };
+    // SAFETY: prlimit reads `tight` for the call and writes nothing (old is null).
+    let rc = unsafe {
+        libc::prlimit(
+            sidecar.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &tight,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    // Leases hold one blob descriptor each: they run out, and then requests get EAGAIN
+    // (which the guest retries), never EIO.
+    let mut leases = Vec::new();
+    let mut again = 0;
+    for vcpu in 0..64 {
+        let r = a
+            .request_certs(Abi::SnpReqCerts, vcpu, 0x1000, 1)
+            .expect("request");
+        match r.ret {
+            CertsRet::Ok => leases.push(r.lease),
+            CertsRet::Again => again += 1,
+            other => panic!("vcpu {vcpu}: {other:?}"),
+        }
+    }
+    assert!(again > 0 && !leases.is_empty(), "{} leases", leases.len());
+
+    // A new connection cannot be accepted now; the accept loop pauses instead of spinning.
+    let b = sidecar.raw();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(sidecar.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(sidecar.pid()) - before;
+    assert!(
+        used < 30,
+        "{used} ticks of CPU in 1 s while out of descriptors"
+    );
+    assert!(sidecar.log().contains("accept failed"), "{}", sidecar.log());
+
+    // Releasing the leases frees descriptors: the queued connection is served, and so are
+    // requests.
+    for l in leases {
+        a.done(l).expect("done");
+    }
+    b.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = Frontend::handshake(b).expect("the queued connection is served");
+    b.set_mem_table(&[mem.region(0)]).expect("memory");
+    let r = b
+        .request_certs(Abi::CocoRfc, 0, 0x4000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0x4000, table.len()), table);
+    b.done(r.lease).expect("done");
+    assert!(exclusive_lock_free(&blob));
+}
