@@ -5,6 +5,8 @@
 
 use thiserror::Error;
 
+use crate::wire::{le_u32, le_u64};
+
 /// Which kernel ABI a record comes from. The numeric value is the ABI tag on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -112,18 +114,6 @@ pub enum RecordError {
     /// The seed ABI's gfn does not fit a 64-bit guest physical address.
     #[error("gfn {0:#x} overflows a guest physical address")]
     Gfn(u64),
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 // Field offsets, as the C compiler lays the structs out on x86-64.

@@ -1,6 +1,9 @@
 //! The channel's wire format: vhost-user framing, the vhost-user requests the channel uses,
 //! and the private confidential-computing requests. All integers are little-endian.
 //! `docs/protocol.md` is normative; the constants and layouts here follow it.
+//!
+//! Written by hand rather than on the `vhost` crate: its connection type sits in a private
+//! module and its request trait is `pub(super)`, so it cannot carry the private requests.
 
 use thiserror::Error;
 
@@ -517,13 +520,13 @@ fn expect_size(request: Request, payload: &[u8], want: usize) -> Result<(), Wire
     }
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
     let mut v = [0u8; 4];
     v.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(v)
 }
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(v)

@@ -268,8 +268,13 @@ impl Drop for HeldLock {
 
 /// Whether another process can take the exclusive lock on `path` right now.
 pub fn exclusive_lock_free(path: &Path) -> bool {
+    lock_free("exclusive", path)
+}
+
+/// Whether another process can take `kind` ("shared" or "exclusive") on `path` right now.
+pub fn lock_free(kind: &str, path: &Path) -> bool {
     let status = Command::new(locker_bin())
-        .args(["try", "exclusive"])
+        .args(["try", kind])
         .arg(path)
         .status()
         .expect("run locker");

@@ -455,17 +455,7 @@ impl Observer for LockWatch<'_> {
 /// Whether another process can take a shared lock at once (readers are never shut out by a
 /// lease).
 fn shared_lock_free(path: &Path) -> bool {
-    let bin = coco_tests::workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN");
-    let status = std::process::Command::new(bin)
-        .args(["try", "shared"])
-        .arg(path)
-        .status()
-        .expect("run locker");
-    match status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        other => panic!("locker failed: {other:?}"),
-    }
+    coco_tests::lock_free("shared", path)
 }
 
 fn lease_until_done(abi: KernelAbi, test: &str) {

@@ -2,6 +2,7 @@
 //! memfd guest memory, and OFD locks taken by a second process.
 
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,22 @@ const PAGE: u64 = 4096;
 
 fn blob_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// A sidecar serving a synthetic table of `size` bytes, with its blob directory and path.
+fn serving(size: usize, fill: u8, args: &[&str]) -> (tempfile::TempDir, PathBuf, Sidecar) {
+    let dir = blob_dir();
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(size, fill));
+    let sidecar = Sidecar::start(&blob, args);
+    (dir, blob, sidecar)
+}
+
+/// A negotiated connection with one megabyte of canary-filled RAM at gpa 0.
+fn with_ram(sidecar: &Sidecar) -> (GuestMem, coco_protocol::Frontend) {
+    let mem = GuestMem::new(RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    (mem, vmm)
 }
 
 /// Waits (bounded) for a condition that another process brings about asynchronously.
@@ -106,9 +123,7 @@ fn enospc_reports_the_exact_page_count() {
 fn missing_blob_serves_the_empty_table() {
     let dir = blob_dir();
     let sidecar = Sidecar::start(&dir.path().join("absent.bin"), &[]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (mem, mut vmm) = with_ram(&sidecar);
     for abi in Abi::ALL {
         let probe = vmm.request_certs(abi, 0, 0x2000, 0).expect("probe");
         assert_eq!((probe.ret, probe.npages), (CertsRet::NoSpace, 1));
@@ -142,9 +157,7 @@ fn eagain_while_an_updater_holds_the_lock_then_success() {
     let table = table_of_size(3000, 3);
     let blob = write_blob(dir.path(), "certs.bin", &table);
     let sidecar = Sidecar::start(&blob, &["--lock-wait-ms", "50"]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (mem, mut vmm) = with_ram(&sidecar);
     let updater = HeldLock::take("exclusive", &blob);
     for abi in Abi::ALL {
         let r = vmm.request_certs(abi, 0, 0x1000, 1).expect("request");
@@ -165,12 +178,8 @@ fn eagain_while_an_updater_holds_the_lock_then_success() {
 
 #[test]
 fn lease_blocks_updaters_until_done() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 4));
-    let sidecar = Sidecar::start(&blob, &[]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (_dir, blob, sidecar) = serving(3000, 4, &[]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
     assert!(exclusive_lock_free(&blob), "no lock before any request");
     let r = vmm
         .request_certs(Abi::SnpReqCerts, 2, 0x1000, 1)
@@ -195,12 +204,8 @@ fn lease_blocks_updaters_until_done() {
 
 #[test]
 fn lease_released_when_the_client_disconnects() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
-    let sidecar = Sidecar::start(&blob, &[]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (_dir, blob, sidecar) = serving(3000, 5, &[]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
     let r = vmm
         .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
         .expect("request");
@@ -214,12 +219,8 @@ fn lease_released_when_the_client_disconnects() {
 
 #[test]
 fn lease_released_after_the_timeout() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 6));
-    let sidecar = Sidecar::start(&blob, &["--lease-timeout-ms", "300"]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (_dir, blob, sidecar) = serving(3000, 6, &["--lease-timeout-ms", "300"]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
     assert_eq!(vmm.caps().expect("caps").lease_timeout_ms, 300);
     let granted = Instant::now();
     let r = vmm
@@ -250,12 +251,8 @@ fn lease_released_after_the_timeout() {
 
 #[test]
 fn a_new_request_of_the_same_vcpu_replaces_its_lease() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 6));
-    let sidecar = Sidecar::start(&blob, &["--max-leases", "1"]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (_dir, _blob, sidecar) = serving(3000, 6, &["--max-leases", "1"]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
     let first = vmm
         .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
         .expect("request");
@@ -287,9 +284,7 @@ fn a_new_request_of_the_same_vcpu_replaces_its_lease() {
 
 #[test]
 fn bad_buffers_get_eio_and_no_write() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 8));
-    let sidecar = Sidecar::start(&blob, &[]);
+    let (_dir, blob, sidecar) = serving(3000, 8, &[]);
     let low = GuestMem::new(RAM, CANARY);
     let high = GuestMem::new(RAM, CANARY);
     let mut vmm = sidecar.connect();
@@ -336,9 +331,7 @@ fn bad_buffers_get_eio_and_no_write() {
 
 #[test]
 fn unknown_abi_and_subtype_get_a_status_not_an_answer() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 8));
-    let sidecar = Sidecar::start(&blob, &[]);
+    let (_dir, _blob, sidecar) = serving(3000, 8, &[]);
     let mut vmm = sidecar.connect();
     let r = vmm.forward_exit(9, 0, &[0u8; 24]).expect("exit");
     assert_eq!((r.status, r.record), (libc::ENOTSUP as u32, vec![0u8; 24]));
@@ -395,9 +388,7 @@ fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
 
 #[test]
 fn malformed_messages_close_only_their_connection() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 9));
-    let mut sidecar = Sidecar::start(&blob, &[]);
+    let (_dir, _blob, mut sidecar) = serving(3000, 9, &[]);
     let devnull = std::fs::File::open("/dev/null").expect("open");
     let fd = devnull.as_raw_fd();
     let get_features = Request::GetFeatures as u32;
@@ -515,9 +506,7 @@ fn malformed_messages_close_only_their_connection() {
 
 #[test]
 fn a_stalled_half_message_is_dropped_after_the_io_timeout() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 9));
-    let mut sidecar = Sidecar::start(&blob, &["--io-timeout-ms", "200"]);
+    let (_dir, _blob, mut sidecar) = serving(3000, 9, &["--io-timeout-ms", "200"]);
     let vmm = sidecar.connect();
     send_bytes(
         vmm.stream(),
@@ -542,9 +531,7 @@ fn a_stalled_half_message_is_dropped_after_the_io_timeout() {
 
 #[test]
 fn refused_regions_get_an_errno_and_the_connection_lives_on() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 2));
-    let sidecar = Sidecar::start(&blob, &[]);
+    let (_dir, _blob, sidecar) = serving(3000, 2, &[]);
     let mem = GuestMem::new(RAM, CANARY);
     let other = GuestMem::new(RAM, CANARY);
     let mut vmm = sidecar.connect();
@@ -588,19 +575,14 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
         libc::EPERM,
         "no shrink seal"
     );
-    let pipe = std::process::Command::new("true")
-        .stdout(std::process::Stdio::piped())
-        .spawn();
-    let mut child = pipe.expect("spawn");
-    let stdout = child.stdout.take().expect("pipe");
+    let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     let mut not_file = other.region(8 * RAM);
-    not_file.fd = std::os::fd::AsFd::as_fd(&stdout);
+    not_file.fd = std::os::fd::AsFd::as_fd(&sock);
     assert_eq!(
         rejected(vmm.add_mem_region(&not_file)),
         libc::EBADF,
-        "a pipe is not memory"
+        "a socket is not memory"
     );
-    child.wait().expect("reap the pipe's writer");
     assert_eq!(
         rejected(vmm.remove_mem_region(RegionDesc {
             guest_phys_addr: 4 * RAM,
@@ -756,12 +738,8 @@ fn two_connections_with_different_memory_are_isolated() {
 
 #[test]
 fn sigterm_releases_locks_removes_the_socket_and_exits_zero() {
-    let dir = blob_dir();
-    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
-    let mut sidecar = Sidecar::start(&blob, &[]);
-    let mem = GuestMem::new(RAM, CANARY);
-    let mut vmm = sidecar.connect();
-    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (_dir, blob, mut sidecar) = serving(3000, 5, &[]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
     let r = vmm
         .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
         .expect("request");
