@@ -5,8 +5,11 @@
 # starting from the committed seeds in fuzz/corpus/<target>/. New inputs go to a scratch
 # corpus (fuzz/corpus-run/<target>/, git-ignored), so the run leaves the tree clean. A crash,
 # leak, timeout or out-of-memory fails the run; libFuzzer saves the input under
-# fuzz/artifacts/<target>/ and prints how to reproduce it. Needs: rustup's nightly toolchain
-# and cargo-fuzz (`cargo install cargo-fuzz`).
+# fuzz/artifacts/<target>/ and prints how to reproduce it.
+#
+# Toolchain: nightly when rustup has it; otherwise the stable toolchain with
+# RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags; stable ships the AddressSanitizer runtime).
+# cargo-fuzz is installed from crates.io when missing (a few minutes, once per machine).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,12 +19,19 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(wire_decode session table_parse)
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-  echo "fuzz/run.sh: needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz)" >&2
-  exit 1
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz/run.sh: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked 2>&1 | tail -n 1
+fi
+if cargo +nightly --version >/dev/null 2>&1; then
+  fuzz=(cargo +nightly fuzz)
+else
+  echo "fuzz/run.sh: no nightly toolchain; using $(rustc --version) with RUSTC_BOOTSTRAP=1"
+  export RUSTC_BOOTSTRAP=1
+  fuzz=(cargo fuzz)
 fi
 
-cargo +nightly fuzz build 2>&1 | tail -n 1
+"${fuzz[@]}" build 2>&1 | tail -n 1
 mkdir -p corpus-run
 for t in "${targets[@]}"; do
   mkdir -p "corpus-run/$t"
@@ -30,7 +40,7 @@ for t in "${targets[@]}"; do
   # -timeout: one input taking over 10 s is a hang. -rss_limit_mb: a memory blow-up fails.
   # -max_len: the largest message is 12 + 4096 bytes; larger tables are tested by unit tests.
   status=0
-  cargo +nightly fuzz run "$t" "corpus-run/$t" "corpus/$t" -- \
+  "${fuzz[@]}" run "$t" "corpus-run/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
     -print_final_stats=1 >"$log" 2>&1 || status=$?
   grep -E "^(#[0-9]+[[:space:]]+(INITED|DONE)|stat::(number_of_executed_units|peak_rss_mb|new_units_added)|Done )" "$log" || true
