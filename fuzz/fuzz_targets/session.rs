@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use coco_protocol::exit::{self, Abi, CertsRet};
 use coco_protocol::table::Table;
 use coco_protocol::wire::{
-    self, ExitMsg, Header, RegionDesc, Request, FLAG_NEED_REPLY, PF_COCO,
-    PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, VERSION,
+    self, ExitMsg, Header, RegionDesc, Request, FLAG_NEED_REPLY, PF_COCO, PF_CONFIGURE_MEM_SLOTS,
+    PF_REPLY_ACK, VERSION,
 };
 use coco_protocol::CertKind;
 use coco_sidecar::blob::BlobStore;
@@ -202,7 +202,7 @@ fn message(inp: &mut Input<'_>, f: &Fixture, leases: &[u64]) -> (Header, Vec<u8>
             Some(Request::CocoExit) => {
                 let tag = u32::from(inp.u8() % 4);
                 let record = match Abi::from_tag(tag) {
-                    Some(abi) if inp.u8() % 8 != 0 => {
+                    Some(abi) if !inp.u8().is_multiple_of(8) => {
                         let gpa = inp.pages(64);
                         let npages = u64::from(inp.u8() % 8);
                         exit::build_request(abi, gpa, npages)
@@ -247,7 +247,10 @@ fn check_exit_answer(request: &[u8], reply: &ExitMsg) {
     assert_eq!(reply.record.len(), asked.record.len());
     if reply.status != 0 {
         assert!(reply.status == libc::ENOTSUP as u32 || reply.status == libc::EINVAL as u32);
-        assert_eq!(reply.record, asked.record, "an unanswered record is unchanged");
+        assert_eq!(
+            reply.record, asked.record,
+            "an unanswered record is unchanged"
+        );
         assert_eq!(reply.lease, 0);
         return;
     }
@@ -261,7 +264,10 @@ fn check_exit_answer(request: &[u8], reply: &ExitMsg) {
     let mut expect = asked.record.clone();
     let np = (ret == CertsRet::NoSpace).then_some(npages);
     exit::encode_answer(abi, &mut expect, ret, np);
-    assert_eq!(reply.record, expect, "only ret/npages differ from the request");
+    assert_eq!(
+        reply.record, expect,
+        "only ret/npages differ from the request"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
             "duplicate GUID accepted"
         );
         assert!(
-            ranges.iter().all(|(s, l)| start + len <= *s || s + l <= start),
+            ranges
+                .iter()
+                .all(|(s, l)| start + len <= *s || s + l <= start),
             "overlap accepted"
         );
         ranges.push((start, len));
@@ -50,5 +52,8 @@ fuzz_target!(|data: &[u8]| {
     for (a, b) in rebuilt.entries().iter().zip(t.entries()) {
         assert_eq!((a.guid, rebuilt.data(a)), (b.guid, t.data(b)));
     }
-    assert!(rebuilt.as_bytes().len() <= data.len(), "build packs densely");
+    assert!(
+        rebuilt.as_bytes().len() <= data.len(),
+        "build packs densely"
+    );
 });

@@ -7,9 +7,7 @@
 #![no_main]
 
 use coco_protocol::exit::{self, Abi, CertsRet};
-use coco_protocol::wire::{
-    self, Caps, ExitMsg, FrontendRequest, Header, HEADER_SIZE, MAX_PAYLOAD,
-};
+use coco_protocol::wire::{self, Caps, ExitMsg, FrontendRequest, Header, HEADER_SIZE, MAX_PAYLOAD};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -85,7 +83,9 @@ fn check_request(h: &Header, msg: &FrontendRequest, payload: &[u8], nfds: usize)
     }
     if !matches!(
         msg,
-        FrontendRequest::SetMemTable(_) | FrontendRequest::AddMemReg(_) | FrontendRequest::RemMemReg(_)
+        FrontendRequest::SetMemTable(_)
+            | FrontendRequest::AddMemReg(_)
+            | FrontendRequest::RemMemReg(_)
     ) {
         assert_eq!(nfds, 0);
     }
