@@ -319,16 +319,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let shutdown = Shutdown::new()
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
-    let (metrics, seccomp) = (config.metrics.clone(), config.seccomp);
     coco_sidecar::rlimit::prepare(config.max_connections, config.max_leases);
+    // What can fail for a bad option comes before the socket exists.
+    let exporter = config.metrics.as_deref().map(metrics::Exporter::bind);
+    let exporter = exporter.transpose().map_err(|e| e.to_string())?;
+    let filter = config.seccomp.then(seccomp::program).transpose();
+    let filter = filter.map_err(|e| e.to_string())?;
     let server = Server::bind(config).map_err(|e| e.to_string())?;
-    // Every socket exists from here on: the filter forbids making new ones.
-    if let Some(addr) = metrics {
-        metrics::Exporter::start(&addr, server.metrics(), server.store())
+    if let Some(exporter) = exporter {
+        exporter
+            .serve(server.metrics(), server.store())
             .map_err(|e| e.to_string())?;
     }
-    if seccomp {
-        seccomp::install().map_err(|e| e.to_string())?;
+    // Every socket exists from here on: the filter forbids making new ones.
+    if let Some(filter) = filter {
+        seccomp::install(&filter).map_err(|e| e.to_string())?;
     }
     server.run(&shutdown).map_err(|e| e.to_string())
 }

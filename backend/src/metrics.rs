@@ -389,27 +389,36 @@ const MAX_REQUEST_HEAD: usize = 8192;
 /// A scraper gets this long to send its request and to read the answer.
 const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The running `/metrics` endpoint.
+/// The `/metrics` endpoint: bound by [`Exporter::bind`], serving after [`Exporter::serve`].
 #[derive(Debug)]
 pub struct Exporter {
+    listener: TcpListener,
     addr: SocketAddr,
 }
 
 impl Exporter {
-    /// Listens on `addr` (host:port; port 0 picks a free one) and serves `GET /metrics` on a
-    /// thread of its own, one scrape at a time. Bind before the seccomp filter is installed:
-    /// the filter forbids creating sockets.
-    pub fn start(
-        addr: &str,
-        metrics: Arc<Metrics>,
-        store: Arc<BlobStore>,
-    ) -> Result<Exporter, MetricsError> {
+    /// Listens on `addr` (host:port; port 0 picks a free one). Do this before anything else
+    /// is created, so that a bad address stops start-up cleanly, and before the seccomp
+    /// filter, which forbids creating sockets.
+    pub fn bind(addr: &str) -> Result<Exporter, MetricsError> {
         let bind_err = |source| MetricsError::Bind {
             addr: addr.to_owned(),
             source,
         };
         let listener = TcpListener::bind(addr).map_err(bind_err)?;
-        let local = listener.local_addr().map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        Ok(Exporter { listener, addr })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `GET /metrics` on a thread of its own, one scrape at a time, for as long as the
+    /// process runs.
+    pub fn serve(self, metrics: Arc<Metrics>, store: Arc<BlobStore>) -> Result<(), MetricsError> {
+        let Exporter { listener, addr } = self;
         thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
@@ -428,13 +437,8 @@ impl Exporter {
                 }
             })
             .map_err(MetricsError::Spawn)?;
-        info!("metrics on http://{local}/metrics");
-        Ok(Exporter { addr: local })
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        info!("metrics on http://{addr}/metrics");
+        Ok(())
     }
 }
 

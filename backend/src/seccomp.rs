@@ -188,11 +188,11 @@ pub fn program() -> Result<BpfProgram, SeccompError> {
     Ok(filter.try_into()?)
 }
 
-/// Installs the filter on every thread of the process (sets `no_new_privs` first), then runs
-/// the self-test when [`SELFTEST_ENV`] asks for it.
-pub fn install() -> Result<(), SeccompError> {
-    let program = program()?;
-    seccompiler::apply_filter_all_threads(&program)?;
+/// Installs `program` (from [`program`], built before start-up so that a failure to build it
+/// stops start-up cleanly) on every thread of the process, setting `no_new_privs` first;
+/// then runs the self-test when [`SELFTEST_ENV`] asks for it.
+pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter_all_threads(program)?;
     log::info!(
         "seccomp filter installed ({} instructions); a forbidden system call kills the process",
         program.len()

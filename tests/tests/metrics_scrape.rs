@@ -426,3 +426,32 @@ fn no_endpoint_without_the_option() {
         sidecar.log()
     );
 }
+
+#[test]
+fn an_unusable_metrics_address_stops_start_up_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 5));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    for (addr, why) in [(taken.as_str(), "in use"), ("not-an-address", "invalid")] {
+        let out = std::process::Command::new(coco_tests::sidecar_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .arg("--certs")
+            .arg(&blob)
+            .args(["--metrics", addr])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{why}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--metrics {addr}: cannot listen")),
+            "{why}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("s.sock").exists(),
+            "{why}: no socket left behind"
+        );
+    }
+}
