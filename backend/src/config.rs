@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::listen::{Listen, DEFAULT_SOCKET_MODE};
+
 /// What a request gets while the certificate blob does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MissingCerts {
@@ -18,8 +20,13 @@ pub enum MissingCerts {
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Path of the listening socket.
-    pub socket: PathBuf,
+    /// Where the listening socket comes from: a path to bind, or an inherited socket.
+    pub listen: Listen,
+    /// Permission bits of a socket the sidecar binds itself (default 0600).
+    pub socket_mode: u32,
+    /// Uids allowed to connect (checked with SO_PEERCRED); empty: whoever can open the socket.
+    /// The sidecar's own uid is always allowed.
+    pub allow_uids: Vec<u32>,
     /// Path of the certificate blob (a GHCB certificate table).
     pub certs: PathBuf,
     /// How long a request waits for the shared lock before answering EAGAIN.
@@ -45,10 +52,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Settings with the documented defaults.
+    /// Settings with the documented defaults, binding a socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>, certs: impl Into<PathBuf>) -> Config {
         Config {
-            socket: socket.into(),
+            listen: Listen::Path(socket.into()),
+            socket_mode: DEFAULT_SOCKET_MODE,
+            allow_uids: Vec::new(),
             certs: certs.into(),
             lock_wait: Duration::from_millis(100),
             lease_timeout: Duration::from_millis(5000),

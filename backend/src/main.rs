@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use coco_sidecar::health::HealthOptions;
+use coco_sidecar::listen::{self, Listen};
 use coco_sidecar::tool::{self, check, files, install::InstallOptions};
 use coco_sidecar::{metrics, seccomp, Config, MissingCerts, Server, Shutdown};
 
@@ -19,6 +21,8 @@ struct Cli {
 enum Command {
     /// Serve one VM's VMM on a Unix socket.
     Serve(ServeArgs),
+    /// Probe a running sidecar (and its blob): exit 0 healthy, 1 socket, 2 blob, 64 usage.
+    Health(HealthArgs),
     /// Run a complete request flow against a sample blob (no hardware needed).
     Demo,
     /// Build, inspect, check and update the certificate blob (see docs/operations.md).
@@ -246,11 +250,36 @@ enum MissingArg {
     Eio,
 }
 
+/// Parses a permission mode in octal: `600`, `0600` or `0o600`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!(
+            "{s:?} is not an octal permission mode (e.g. 0600, 0660)"
+        )),
+    }
+}
+
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exactly one socket source: --socket PATH, --fd N, or systemd socket \
+activation (LISTEN_PID/LISTEN_FDS=1, used when neither option is given)."
+)]
 struct ServeArgs {
-    /// Path of the listening socket (a stale one is replaced).
-    #[arg(long)]
-    socket: PathBuf,
+    /// Create the listening socket at this path (a stale one is replaced).
+    #[arg(long, conflicts_with = "fd")]
+    socket: Option<PathBuf>,
+    /// Serve on this already listening AF_UNIX stream socket, inherited as descriptor N.
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// Permission bits of the socket file created by --socket (octal).
+    #[arg(long, default_value = "0600", value_parser = parse_mode, value_name = "MODE")]
+    socket_mode: u32,
+    /// Accept connections only from this uid (SO_PEERCRED); repeatable. The sidecar's own uid
+    /// is always allowed. Without it, whoever can open the socket file may connect.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
     /// Certificate blob: a GHCB certificate table, updated under an exclusive OFD lock.
     #[arg(long)]
     certs: PathBuf,
@@ -283,6 +312,80 @@ struct ServeArgs {
     no_seccomp: bool,
 }
 
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Prints one line: `healthy: ...` on standard output, or the reason on \
+standard error. Exit statuses: 0 healthy; 1 the sidecar does not answer properly on SOCKET; \
+2 it answers but BLOB is not servable now (locked by an updater past --lock-wait-ms, invalid, \
+unreadable, or missing under --missing-certs again/eio); 64 usage error."
+)]
+struct HealthArgs {
+    /// The sidecar's socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Also check that this blob is servable now (validated as `serve` validates it).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Longest wait for each answer from the sidecar.
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    timeout_ms: u64,
+    /// Longest wait for the shared lock on BLOB (an updater holds it briefly).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    lock_wait_ms: u64,
+    /// The sidecar's --missing-certs: whether an absent BLOB is servable.
+    #[arg(long, value_enum, default_value = "empty")]
+    missing_certs: MissingArg,
+}
+
+impl TryFrom<HealthArgs> for HealthOptions {
+    type Error = String;
+
+    fn try_from(a: HealthArgs) -> Result<HealthOptions, String> {
+        if a.timeout_ms == 0 || a.timeout_ms > MAX_WAIT_MS || a.lock_wait_ms > MAX_WAIT_MS {
+            return Err(format!(
+                "--timeout-ms must be 1 to {MAX_WAIT_MS}, --lock-wait-ms at most {MAX_WAIT_MS}"
+            ));
+        }
+        Ok(HealthOptions {
+            socket: a.socket,
+            certs: a.certs,
+            timeout: Duration::from_millis(a.timeout_ms),
+            lock_wait: Duration::from_millis(a.lock_wait_ms),
+            missing: a.missing_certs.into(),
+        })
+    }
+}
+
+impl From<MissingArg> for MissingCerts {
+    fn from(m: MissingArg) -> MissingCerts {
+        match m {
+            MissingArg::Empty => MissingCerts::Empty,
+            MissingArg::Again => MissingCerts::Again,
+            MissingArg::Eio => MissingCerts::Io,
+        }
+    }
+}
+
+fn health(args: HealthArgs) -> ExitCode {
+    let opts = match HealthOptions::try_from(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("coco-sidecar health: {e}");
+            return ExitCode::from(tool::exit::USAGE);
+        }
+    };
+    match coco_sidecar::health::check(&opts) {
+        Ok(healthy) => {
+            println!("{healthy}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 impl TryFrom<ServeArgs> for Config {
     type Error = String;
 
@@ -296,14 +399,40 @@ impl TryFrom<ServeArgs> for Config {
         if a.lease_timeout_ms > u64::from(u32::MAX) {
             return Err("--lease-timeout-ms is too large".into());
         }
-        let mut c = Config::new(a.socket, a.certs);
+        let systemd = listen::from_systemd(
+            std::env::var_os("LISTEN_PID").as_deref(),
+            std::env::var_os("LISTEN_FDS").as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let listen = match (a.socket, a.fd, systemd) {
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(
+                    "systemd passed a socket (LISTEN_FDS) and --socket or --fd was \
+                            given too: use one"
+                        .into(),
+                )
+            }
+            (Some(path), None, None) => Listen::Path(path),
+            (None, Some(n), None) => {
+                Listen::Inherited(listen::inherit(n, "--fd").map_err(|e| e.to_string())?)
+            }
+            (None, None, Some(inherited)) => Listen::Inherited(inherited),
+            (None, None, None) => {
+                return Err(
+                    "no socket: give --socket PATH or --fd N, or start the sidecar \
+                            by systemd socket activation"
+                        .into(),
+                )
+            }
+            (Some(_), Some(_), None) => return Err("--socket and --fd exclude each other".into()),
+        };
+        let mut c = Config::new(PathBuf::new(), a.certs);
+        c.listen = listen;
+        c.socket_mode = a.socket_mode;
+        c.allow_uids = a.allow_uids;
         c.lock_wait = Duration::from_millis(a.lock_wait_ms);
         c.lease_timeout = Duration::from_millis(a.lease_timeout_ms);
-        c.missing_certs = match a.missing_certs {
-            MissingArg::Empty => MissingCerts::Empty,
-            MissingArg::Again => MissingCerts::Again,
-            MissingArg::Eio => MissingCerts::Io,
-        };
+        c.missing_certs = a.missing_certs.into();
         c.max_connections = a.max_connections;
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
@@ -316,6 +445,11 @@ impl TryFrom<ServeArgs> for Config {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let config = Config::try_from(args)?;
+    // Read once (by the conversion above); children must not mistake them for their own.
+    // Single-threaded here, so changing the environment races with nothing.
+    for var in listen::SYSTEMD_VARS {
+        std::env::remove_var(var);
+    }
     let shutdown = Shutdown::new()
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
@@ -364,11 +498,14 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         Command::Demo | Command::Blob(_) => "warn",
+        // The probe prints its one line itself.
+        Command::Health(_) => "off",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
     let result = match cli.command {
         Command::Blob(command) => return blob(command),
+        Command::Health(args) => return health(args),
         Command::Serve(args) => serve(args),
         Command::Demo => coco_sidecar::demo::run()
             .map(|report| print!("{report}"))

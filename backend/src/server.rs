@@ -2,9 +2,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -16,6 +15,7 @@ use thiserror::Error;
 
 use crate::blob::BlobStore;
 use crate::config::Config;
+use crate::listen::{self, ListenError, Listener, PeerPolicy};
 use crate::metrics::Metrics;
 use crate::session::{Outcome, Session};
 
@@ -26,12 +26,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Why the server could not start or stopped.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("{0} is in use by a running process")]
-    InUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotSocket(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot set up shutdown signals: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -109,36 +105,23 @@ fn poll_in(fds: &[i32], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
 #[derive(Debug)]
 pub struct Server {
     listener: UnixListener,
+    /// The socket file to remove when stopping (None for an inherited socket).
+    owned_path: Option<PathBuf>,
+    peers: PeerPolicy,
     config: Config,
     store: Arc<BlobStore>,
     metrics: Arc<Metrics>,
 }
 
-fn prepare_path(path: &Path) -> Result<(), ServerError> {
-    match std::fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::InUse(path.to_owned()));
-            }
-            info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|source| ServerError::Bind {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Ok(_) => Err(ServerError::NotSocket(path.to_owned())),
-    }
-}
-
 impl Server {
-    /// Binds the socket (replacing a stale one left by a dead sidecar).
+    /// Binds the socket (replacing a stale one left by a dead sidecar) or takes over the
+    /// inherited one.
     pub fn bind(config: Config) -> Result<Server, ServerError> {
-        prepare_path(&config.socket)?;
-        let listener = UnixListener::bind(&config.socket).map_err(|source| ServerError::Bind {
-            path: config.socket.clone(),
-            source,
-        })?;
+        let Listener {
+            listener,
+            owned_path,
+        } = Listener::open(&config.listen, config.socket_mode)?;
+        let peers = PeerPolicy::new(&config.allow_uids);
         let store = Arc::new(BlobStore::new(
             &config.certs,
             config.lock_wait,
@@ -146,6 +129,8 @@ impl Server {
         ));
         Ok(Server {
             listener,
+            owned_path,
+            peers,
             config,
             store,
             metrics: Arc::new(Metrics::new()),
@@ -168,7 +153,7 @@ impl Server {
         info!(
             "serving {} on {} (lock wait {:?}, lease timeout {:?}, missing blob: {:?})",
             self.config.certs.display(),
-            self.config.socket.display(),
+            self.config.listen.describe(),
             self.config.lock_wait,
             self.config.lease_timeout,
             self.config.missing_certs
@@ -200,6 +185,11 @@ impl Server {
             };
             conns.retain(|(_, h)| !h.is_finished());
             next_id += 1;
+            if let Err(why) = self.admit(&stream) {
+                warn!("connection {next_id} refused: {why}");
+                self.metrics.connection_refused();
+                continue;
+            }
             if active.load(Ordering::SeqCst) >= self.config.max_connections {
                 warn!(
                     "connection {next_id} refused: already {} connections (--max-connections)",
@@ -219,11 +209,25 @@ impl Server {
         for (_, handle) in conns {
             let _ = handle.join();
         }
-        if let Err(e) = std::fs::remove_file(&self.config.socket) {
-            warn!("cannot remove {}: {e}", self.config.socket.display());
+        if let Some(path) = &self.owned_path {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("cannot remove {}: {e}", path.display());
+            }
         }
         info!("stopped");
         result
+    }
+
+    /// Identifies the peer (logged) and applies `--allow-uid`.
+    fn admit(&self, stream: &UnixStream) -> Result<(), String> {
+        match listen::peer(stream) {
+            Ok(p) => {
+                debug!("peer pid {} uid {} gid {}", p.pid, p.uid, p.gid);
+                self.peers.admit(&p)
+            }
+            Err(e) if self.peers.restricts() => Err(format!("cannot read SO_PEERCRED: {e}")),
+            Err(_) => Ok(()),
+        }
     }
 
     fn spawn(

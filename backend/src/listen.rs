@@ -1,0 +1,552 @@
+//! Where the listening socket comes from, and who may connect to it.
+//!
+//! Three sources, one per deployment style:
+//! - a path the sidecar binds itself, created with a restrictive mode (`--socket`,
+//!   `--socket-mode`);
+//! - a listening socket inherited as a descriptor (`--fd N`), e.g. from a supervisor;
+//! - systemd socket activation (`LISTEN_PID` / `LISTEN_FDS`, descriptor 3).
+//!
+//! An inherited descriptor is checked to be a listening `AF_UNIX` `SOCK_STREAM` socket before
+//! it is used. Every accepted connection's peer is identified with `SO_PEERCRED`; with an
+//! allow-list (`--allow-uid`) a peer whose uid is not on it (nor the sidecar's own uid, which
+//! its `health` probe runs as) is refused.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::info;
+use thiserror::Error;
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+pub const SD_LISTEN_FDS_START: RawFd = 3;
+/// Mode of a socket the sidecar creates, unless configured otherwise: only its own user.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Pending connections the kernel queues before `accept`.
+const BACKLOG: libc::c_int = 64;
+
+/// Why no listening socket could be had, or a peer was refused.
+#[derive(Debug, Error)]
+pub enum ListenError {
+    #[error("{0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotSocket(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL")]
+    PathTooLong(PathBuf),
+    #[error("--socket-mode {0:o} is not a permission mode (0 to 0777)")]
+    Mode(u32),
+    #[error("descriptor {fd} ({how}) is not usable: {why}")]
+    Inherited {
+        fd: RawFd,
+        how: &'static str,
+        why: String,
+    },
+    #[error("systemd socket activation: {0}")]
+    Systemd(String),
+}
+
+/// How the listening socket is obtained.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// Bind a new socket at this path (a stale socket left by a dead sidecar is replaced).
+    Path(PathBuf),
+    /// A validated listening socket handed over by whoever started the sidecar.
+    Inherited(Inherited),
+}
+
+/// A listening socket the sidecar did not create. Shared so that [`crate::Config`] stays
+/// cheap to clone; [`Listener::open`] duplicates it.
+#[derive(Debug, Clone)]
+pub struct Inherited {
+    fd: Arc<OwnedFd>,
+    /// The descriptor number it arrived as.
+    pub number: RawFd,
+    /// "--fd" or "systemd".
+    pub how: &'static str,
+}
+
+impl Listen {
+    /// A description for logs: the path, or the descriptor and the address it is bound to.
+    pub fn describe(&self) -> String {
+        match self {
+            Listen::Path(p) => p.display().to_string(),
+            Listen::Inherited(i) => {
+                let addr = local_path(i.fd.as_fd())
+                    .map_or_else(|| "unnamed".to_owned(), |p| p.display().to_string());
+                format!("{addr} (descriptor {} from {})", i.number, i.how)
+            }
+        }
+    }
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes for the whole call and `len` is the size
+    // of `value`; the descriptor is borrowed, so open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(errno());
+    }
+    Ok(value)
+}
+
+/// Checks that `fd` is a listening `AF_UNIX` `SOCK_STREAM` socket; the reason when not.
+pub fn check_listening_unix_stream(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let file_type = {
+        // SAFETY: libc::stat is a plain C struct; all-zero bytes are a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is valid for writes; the descriptor is borrowed, so open.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(format!("fstat: {}", errno()));
+        }
+        st.st_mode & libc::S_IFMT
+    };
+    if file_type != libc::S_IFSOCK {
+        return Err("not a socket".into());
+    }
+    let domain = getsockopt_int(fd, libc::SO_DOMAIN).map_err(|e| format!("SO_DOMAIN: {e}"))?;
+    if domain != libc::AF_UNIX {
+        return Err(format!("not an AF_UNIX socket (domain {domain})"));
+    }
+    let kind = getsockopt_int(fd, libc::SO_TYPE).map_err(|e| format!("SO_TYPE: {e}"))?;
+    if kind != libc::SOCK_STREAM {
+        return Err(format!("not a SOCK_STREAM socket (type {kind})"));
+    }
+    let listening =
+        getsockopt_int(fd, libc::SO_ACCEPTCONN).map_err(|e| format!("SO_ACCEPTCONN: {e}"))?;
+    if listening == 0 {
+        return Err("not listening (listen(2) was not called on it)".into());
+    }
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is open and a listening
+/// Unix stream socket, and marks it close-on-exec.
+///
+/// Call this once per descriptor, early in `main`, before anything else could open or own
+/// descriptor `number` (it only accepts a *listening socket*, which nothing in this process
+/// creates before it runs, so it cannot take over a descriptor the process opened itself).
+/// Descriptors 0 to 2 are refused: they are standard input, output and error.
+pub fn inherit(number: RawFd, how: &'static str) -> Result<Inherited, ListenError> {
+    let bad = |why: String| ListenError::Inherited {
+        fd: number,
+        how,
+        why,
+    };
+    if number < 3 {
+        return Err(bad(
+            "it must be 3 or more (0, 1 and 2 are standard I/O)".into()
+        ));
+    }
+    // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
+    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+        return Err(bad(format!("not open: {}", errno())));
+    }
+    // SAFETY: the descriptor is open (checked just above) and stays open while borrowed here:
+    // nothing in this process closes a descriptor it does not own.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(number) };
+    check_listening_unix_stream(borrowed).map_err(bad)?;
+    // SAFETY: see the function's contract: `number` is an open listening socket that this
+    // process inherited and that no other object owns, and callers claim each number once.
+    let fd = unsafe { OwnedFd::from_raw_fd(number) };
+    // SAFETY: F_SETFD with FD_CLOEXEC on a descriptor we now own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(bad(format!("cannot set close-on-exec: {}", errno())));
+    }
+    Ok(Inherited {
+        fd: Arc::new(fd),
+        number,
+        how,
+    })
+}
+
+/// The socket passed by systemd socket activation, if the environment says there is one for
+/// this process: `LISTEN_PID` equal to our pid and `LISTEN_FDS` = 1 (descriptor 3). `Ok(None)`
+/// when `LISTEN_PID` is absent or names another process (the variables were inherited from a
+/// parent and are not meant for us). Takes ownership as [`inherit`] does, with the same
+/// contract. The caller should unset the variables afterwards (see [`SYSTEMD_VARS`]).
+pub fn from_systemd(
+    listen_pid: Option<&OsStr>,
+    listen_fds: Option<&OsStr>,
+) -> Result<Option<Inherited>, ListenError> {
+    let Some(pid) = listen_pid else {
+        return Ok(None);
+    };
+    let pid: u32 = std::str::from_utf8(pid.as_bytes())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| ListenError::Systemd(format!("LISTEN_PID={pid:?} is not a pid")))?;
+    if pid != std::process::id() {
+        return Ok(None);
+    }
+    let fds = listen_fds
+        .ok_or_else(|| ListenError::Systemd("LISTEN_PID is set but LISTEN_FDS is not".into()))?;
+    match fds.as_bytes() {
+        b"1" => inherit(SD_LISTEN_FDS_START, "systemd").map(Some),
+        other => Err(ListenError::Systemd(format!(
+            "LISTEN_FDS={} but the sidecar serves exactly one socket (set it to 1: one \
+             ListenStream= in the .socket unit)",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+/// The variables of systemd socket activation, to unset once read.
+pub const SYSTEMD_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
+/// The path a Unix socket is bound to, if it has one.
+fn local_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
+    // SAFETY: sockaddr_un is a plain C struct; all-zero bytes are a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes and `len` is `addr`'s size.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_un).cast(),
+            &mut len,
+        )
+    };
+    let offset = std::mem::size_of::<libc::sa_family_t>();
+    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_un>());
+    if rc != 0 || len <= offset || addr.sun_path[0] == 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = addr.sun_path[..len - offset]
+        .iter()
+        .map(|c| *c as u8)
+        .take_while(|b| *b != 0)
+        .collect();
+    Some(PathBuf::from(OsStr::from_bytes(&bytes)))
+}
+
+/// A listening socket, and what to clean up when done.
+#[derive(Debug)]
+pub struct Listener {
+    /// The socket.
+    pub listener: UnixListener,
+    /// The path to remove on shutdown: the one we bound (an inherited socket's path belongs to
+    /// whoever created it).
+    pub owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Binds `listen`'s path with `mode`, or takes a duplicate of the inherited socket.
+    pub fn open(listen: &Listen, mode: u32) -> Result<Listener, ListenError> {
+        match listen {
+            Listen::Path(path) => Ok(Listener {
+                listener: bind(path, mode)?,
+                owned_path: Some(path.clone()),
+            }),
+            Listen::Inherited(i) => {
+                let fd = i.fd.try_clone().map_err(|e| ListenError::Inherited {
+                    fd: i.number,
+                    how: i.how,
+                    why: format!("cannot duplicate it: {e}"),
+                })?;
+                Ok(Listener {
+                    listener: UnixListener::from(fd),
+                    owned_path: None,
+                })
+            }
+        }
+    }
+}
+
+/// Removes a stale socket (one nobody accepts on) at `path`; refuses anything else.
+fn prepare_path(path: &Path) -> Result<(), ListenError> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ListenError::InUse(path.to_owned()));
+            }
+            info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|source| ListenError::Bind {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Ok(_) => Err(ListenError::NotSocket(path.to_owned())),
+    }
+}
+
+/// Creates a listening socket at `path` whose file has exactly `mode`, with no moment at which
+/// a peer could connect under a wider mode: the socket's own mode is set with fchmod before
+/// bind (so the file is created with `mode` minus the umask, never wider), then the file is
+/// chmod-ed to exactly `mode` before listen (connecting to a socket that is not listening yet
+/// fails with ECONNREFUSED, whatever the mode).
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    if mode & !0o777 != 0 {
+        return Err(ListenError::Mode(mode));
+    }
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is a plain C struct; all-zero bytes are a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(ListenError::PathTooLong(path.to_owned()));
+    }
+    prepare_path(path)?;
+    let fail = |source: io::Error| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(fail(errno()));
+    }
+    // SAFETY: `raw` is a descriptor socket(2) just created and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fchmod on a descriptor we own; on Linux this sets the socket inode's mode, which
+    // bind(2) gives the new file (less the umask).
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) } != 0 {
+        return Err(fail(errno()));
+    }
+    // SAFETY: `addr` is an initialised sockaddr_un and `len` covers the family, the path and
+    // its terminating NUL, within the struct.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(fail(errno()));
+    }
+    let made = std::fs::symlink_metadata(path).map_err(fail)?;
+    if !made.file_type().is_socket() {
+        return Err(fail(io::Error::other("the bound path is not a socket")));
+    }
+    if made.permissions().mode() & 0o777 != mode {
+        // Only ever widens towards `mode` (the umask removed bits); nobody can connect yet.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    }
+    // SAFETY: listen(2) on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
+        let err = errno();
+        let _ = std::fs::remove_file(path);
+        return Err(fail(err));
+    }
+    Ok(UnixListener::from(fd))
+}
+
+/// Who is on the other end of a connection (`SO_PEERCRED`: as of its `connect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Process id.
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// The peer's credentials.
+pub fn peer(stream: &UnixStream) -> io::Result<Peer> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s size; the stream
+    // keeps the descriptor open.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(errno());
+    }
+    Ok(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Who may connect: everyone when `allowed` is empty; otherwise the listed uids and the
+/// sidecar's own effective uid (its `health` probe runs as that user).
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    allowed: Vec<u32>,
+}
+
+impl PeerPolicy {
+    /// A policy over `allowed` (empty: anyone who can open the socket file).
+    pub fn new(allowed: &[u32]) -> PeerPolicy {
+        let mut allowed = allowed.to_vec();
+        if !allowed.is_empty() {
+            // SAFETY: geteuid(2) cannot fail and has no preconditions.
+            allowed.push(unsafe { libc::geteuid() });
+            allowed.sort_unstable();
+            allowed.dedup();
+        }
+        PeerPolicy { allowed }
+    }
+
+    /// Whether the list is in force.
+    pub fn restricts(&self) -> bool {
+        !self.allowed.is_empty()
+    }
+
+    /// Admits `peer`, or says why not.
+    pub fn admit(&self, peer: &Peer) -> Result<(), String> {
+        if self.allowed.is_empty() || self.allowed.binary_search(&peer.uid).is_ok() {
+            Ok(())
+        } else {
+            Err(format!(
+                "peer uid {} (pid {}) is not allowed (--allow-uid)",
+                peer.uid, peer.pid
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("listen-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    #[test]
+    fn bind_gives_the_exact_mode() {
+        let d = tmpdir("mode");
+        for mode in [0o600, 0o660, 0o666, 0o700] {
+            let p = d.join(format!("s{mode:o}"));
+            let l = bind(&p, mode).expect("bind");
+            let got = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(got, mode);
+            check_listening_unix_stream(l.as_fd()).expect("listening");
+            assert_eq!(local_path(l.as_fd()), Some(p));
+        }
+        assert!(matches!(
+            bind(&d.join("x"), 0o1777),
+            Err(ListenError::Mode(_))
+        ));
+        let long = d.join("y".repeat(120));
+        assert!(matches!(
+            bind(&long, 0o600),
+            Err(ListenError::PathTooLong(_))
+        ));
+        std::fs::remove_dir_all(&d).expect("rm");
+    }
+
+    #[test]
+    fn only_listening_unix_stream_sockets_pass() {
+        let d = tmpdir("kinds");
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let why = check_listening_unix_stream(a.as_fd()).expect_err("connected");
+        assert!(why.contains("not listening"), "{why}");
+        let f = std::fs::File::open("/dev/null").expect("open");
+        assert_eq!(
+            check_listening_unix_stream(f.as_fd()).expect_err("file"),
+            "not a socket"
+        );
+        let dgram = std::os::unix::net::UnixDatagram::unbound().expect("dgram");
+        let why = check_listening_unix_stream(dgram.as_fd()).expect_err("dgram");
+        assert!(why.contains("SOCK_STREAM"), "{why}");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+        let why = check_listening_unix_stream(tcp.as_fd()).expect_err("tcp");
+        assert!(why.contains("AF_UNIX"), "{why}");
+        std::fs::remove_dir_all(&d).expect("rm");
+    }
+
+    #[test]
+    fn an_inherited_listener_is_taken_over() {
+        let d = tmpdir("inherit");
+        let p = d.join("s");
+        let l = bind(&p, 0o600).expect("bind");
+        let number = std::os::fd::IntoRawFd::into_raw_fd(l);
+        let i = inherit(number, "--fd").expect("a listening socket");
+        assert!(Listen::Inherited(i.clone())
+            .describe()
+            .contains(&p.display().to_string()));
+        let opened = Listener::open(&Listen::Inherited(i), 0o600).expect("dup");
+        assert!(opened.owned_path.is_none(), "not ours to remove");
+        let _client = UnixStream::connect(&p).expect("connect");
+        opened.listener.accept().expect("accept");
+        assert!(matches!(
+            inherit(1, "--fd"),
+            Err(ListenError::Inherited { fd: 1, .. })
+        ));
+        std::fs::remove_dir_all(&d).expect("rm");
+    }
+
+    #[test]
+    fn systemd_variables_for_another_process_are_ignored() {
+        let other = OsStr::new("1");
+        assert!(from_systemd(None, Some(OsStr::new("1")))
+            .expect("absent")
+            .is_none());
+        assert!(from_systemd(Some(other), Some(OsStr::new("1")))
+            .expect("pid 1 is not us")
+            .is_none());
+        assert!(matches!(
+            from_systemd(Some(OsStr::new("x")), None),
+            Err(ListenError::Systemd(_))
+        ));
+        let me = std::process::id().to_string();
+        let err =
+            from_systemd(Some(OsStr::new(&me)), Some(OsStr::new("2"))).expect_err("two sockets");
+        assert!(err.to_string().contains("LISTEN_FDS=2"), "{err}");
+    }
+
+    #[test]
+    fn the_allow_list_admits_listed_uids_and_our_own() {
+        let open = PeerPolicy::new(&[]);
+        let peer = |uid| Peer {
+            pid: 1,
+            uid,
+            gid: 0,
+        };
+        assert!(!open.restricts());
+        assert!(open.admit(&peer(12345)).is_ok());
+        let list = PeerPolicy::new(&[107]);
+        assert!(list.restricts());
+        assert!(list.admit(&peer(107)).is_ok());
+        // SAFETY: geteuid(2) has no preconditions.
+        assert!(list.admit(&peer(unsafe { libc::geteuid() })).is_ok());
+        let why = list.admit(&peer(4242)).expect_err("not listed");
+        assert!(why.contains("uid 4242"), "{why}");
+    }
+}

@@ -1,0 +1,294 @@
+//! End-to-end, with a real container engine: builds the image from deploy/Containerfile (a
+//! static coco-sidecar FROM scratch), runs it as the Kubernetes manifests do (non-root, read-only
+//! root filesystem, no capabilities, no new privileges, no network) with the socket directory
+//! and the blob mounted (the blob read-only), and serves certificate requests from the host
+//! through the mounted socket with sealed memfd guest memory. Also shows that an updater's
+//! exclusive OFD lock on the host reaches the containerised sidecar through the read-only
+//! mount, and that `health` works inside the container. Issue 7.
+//!
+//! Needs root and podman (with runc). Without them it prints one `SKIPPED:` line and passes,
+//! unless COCO_REQUIRE_PODMAN=1, which makes their absence a failure (CI sets it).
+//! COCO_SIDECAR_STATIC_BIN names a prebuilt static binary; otherwise deploy/build-static.sh
+//! builds one (release profile, in its own target directory).
+
+mod deploy_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use coco_protocol::exit::Abi;
+use coco_protocol::{CertsRet, Frontend};
+use coco_tests::{table_of_size, write_blob, GuestMem, HeldLock};
+use deploy_support::{serve_one_request, skipped};
+
+/// The numeric user of deploy/Containerfile.
+const IMAGE_UID: u32 = 65532;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// Runs podman with the project's containers.conf (runc, ulimits), bounded in time.
+fn podman(args: &[&str]) -> Output {
+    let conf = std::env::var_os("CONTAINERS_CONF")
+        .unwrap_or_else(|| workspace().join("deploy/podman/containers.conf").into());
+    Command::new("timeout")
+        .arg("300")
+        .arg("podman")
+        .args(args)
+        .env("CONTAINERS_CONF", conf)
+        .output()
+        .expect("run podman")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert!(
+        out.status.success(),
+        "podman {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn unavailable() -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (the test runs rootful podman)".into());
+    }
+    match Command::new("podman").arg("--version").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Some("podman is not installed (apt-get install podman runc)".into()),
+    }
+    match Command::new("runc").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("runc is not installed (apt-get install runc)".into()),
+    }
+}
+
+fn static_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("COCO_SIDECAR_STATIC_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(workspace().join("deploy/build-static.sh"))
+        .output()
+        .expect("run deploy/build-static.sh");
+    assert!(
+        out.status.success(),
+        "deploy/build-static.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Removes the container and the image however the test ends.
+struct Cleanup {
+    container: String,
+    image: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "--force", "--time", "0", &self.container]);
+        let _ = podman(&["rmi", "--force", &self.image]);
+    }
+}
+
+fn status_field(pid: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn wait_for_socket(socket: &Path, container: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "the containerised sidecar did not accept within 30 s:\n{}",
+        ok(&["logs", container])
+    );
+}
+
+#[test]
+fn the_image_serves_requests_through_a_mounted_socket() {
+    if let Some(why) = unavailable() {
+        assert!(
+            std::env::var_os("COCO_REQUIRE_PODMAN").is_none_or(|v| v != "1"),
+            "COCO_REQUIRE_PODMAN=1 but {why}"
+        );
+        skipped(&format!("container test: {why}"));
+        return;
+    }
+    let tag = format!("localhost/coco-sidecar:test-{}", std::process::id());
+    let name = format!("coco-sidecar-test-{}", std::process::id());
+    let _cleanup = Cleanup {
+        container: name.clone(),
+        image: tag.clone(),
+    };
+    let bin = static_binary();
+    let build = Command::new(workspace().join("deploy/build-image.sh"))
+        .args(["--tag", &tag, "--bin"])
+        .arg(&bin)
+        .output()
+        .expect("run deploy/build-image.sh");
+    assert!(
+        build.status.success(),
+        "image build failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    assert_eq!(
+        ok(&["image", "inspect", "--format", "{{.Config.User}}", &tag]),
+        format!("{IMAGE_UID}:{IMAGE_UID}"),
+        "the image runs as a numeric non-root user"
+    );
+
+    // Host side: the socket directory (writable by the image's user) and the blob directory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&run).expect("mkdir");
+    std::fs::create_dir(&certs).expect("mkdir");
+    std::os::unix::fs::chown(&run, Some(IMAGE_UID), Some(IMAGE_UID)).expect("chown");
+    let table = table_of_size(6000, 8);
+    let blob = write_blob(&certs, "certs.blob", &table);
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let run_mount = format!("{}:/run/coco-sidecar", run.display());
+    let certs_mount = format!("{}:/var/lib/coco-sidecar:ro", certs.display());
+
+    ok(&[
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--volume",
+        &run_mount,
+        "--volume",
+        &certs_mount,
+        &tag,
+        "serve",
+        "--socket",
+        "/run/coco-sidecar/sidecar.sock",
+        "--certs",
+        "/var/lib/coco-sidecar/certs.blob",
+        // The host test connects as root: only it (and the sidecar's own uid) may connect.
+        "--allow-uid",
+        "0",
+    ]);
+    let socket = run.join("sidecar.sock");
+    wait_for_socket(&socket, &name);
+
+    // The process really runs confined: its uid, capabilities and no_new_privs, seen on the host.
+    let pid = ok(&["inspect", "--format", "{{.State.Pid}}", &name]);
+    let uids = status_field(&pid, "Uid");
+    assert!(
+        uids.split_whitespace().all(|u| u == IMAGE_UID.to_string()),
+        "uids {uids}"
+    );
+    assert_eq!(status_field(&pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(&pid, "NoNewPrivs"), "1");
+    let socket_mode = std::fs::metadata(&socket)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(socket_mode, 0o600, "the default socket mode");
+
+    // A real request from the host through the mounted socket, with memfd guest memory.
+    serve_one_request(&socket, &table);
+
+    // An updater on the host holds the exclusive lock: the sidecar in the container sees it
+    // through the read-only mount (OFD locks are the kernel's, per file) and answers EAGAIN.
+    let mut vmm = Frontend::connect(&socket).expect("connect");
+    let mem = GuestMem::new(1 << 20, 0);
+    vmm.set_mem_table(&[mem.region(0)]).expect("memory");
+    let updater = HeldLock::take("exclusive", &blob);
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 1, 0x8000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Again, "locked by the host's updater");
+    let exec_health = |extra: &[&str]| {
+        let mut args = vec![
+            "exec",
+            name.as_str(),
+            "/coco-sidecar",
+            "health",
+            "--socket",
+            "/run/coco-sidecar/sidecar.sock",
+            "--certs",
+            "/var/lib/coco-sidecar/certs.blob",
+        ];
+        args.extend_from_slice(extra);
+        podman(&args)
+    };
+    let out = exec_health(&["--lock-wait-ms", "200"]);
+    assert_eq!(out.status.code(), Some(2), "the probe sees the lock too");
+    updater.release();
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 1, 0x8000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0x8000, table.len()), table);
+    // While the lease is held, the host's updater waits: the sidecar's shared lock is real.
+    assert!(
+        !coco_tests::exclusive_lock_free(&blob),
+        "lease holds the lock"
+    );
+    vmm.done(r.lease).expect("done");
+    drop(vmm);
+
+    // The probe the manifests use, inside the container (its uid is always allowed).
+    let out = exec_health(&[]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && line.starts_with("healthy: "),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    println!(
+        "containerised sidecar after the requests: VmRSS {}, VmHWM {}, threads {}",
+        status_field(&pid, "VmRSS"),
+        status_field(&pid, "VmHWM"),
+        status_field(&pid, "Threads")
+    );
+
+    // SIGTERM (podman stop): a clean exit that removes the socket.
+    ok(&["stop", "--time", "10", &name]);
+    assert_eq!(
+        ok(&["inspect", "--format", "{{.State.ExitCode}}", &name]),
+        "0"
+    );
+    assert!(
+        !socket.exists(),
+        "the sidecar removed its socket on SIGTERM"
+    );
+    let logs = ok(&["logs", &name]);
+    let all_logs = format!(
+        "{logs}{}",
+        String::from_utf8_lossy(&podman(&["logs", &name]).stderr)
+    );
+    assert!(all_logs.contains("stopped"), "{all_logs}");
+}
