@@ -38,6 +38,7 @@ use log::{error, warn};
 use thiserror::Error;
 
 use crate::config::MissingCerts;
+use crate::metrics::Histogram;
 use crate::ofd::{self, LockKind};
 
 /// A cached version is trusted only if it was read this long after the file's last change.
@@ -249,6 +250,7 @@ pub struct BlobStore {
     current: Mutex<Option<Arc<OpenBlob>>>,
     cache: Mutex<Option<Cached>>,
     counters: Counters,
+    lock_wait_seconds: Histogram,
     errors: Mutex<LogGate>,
 }
 
@@ -270,6 +272,7 @@ impl BlobStore {
             current: Mutex::new(None),
             cache: Mutex::new(None),
             counters: Counters::default(),
+            lock_wait_seconds: Histogram::default(),
             errors: Mutex::new(LogGate::default()),
         }
     }
@@ -333,9 +336,17 @@ impl BlobStore {
         }
     }
 
+    /// Time each request spent taking the shared lock (for metrics).
+    pub fn lock_wait(&self) -> &Histogram {
+        &self.lock_wait_seconds
+    }
+
     /// A share of `blob`'s shared lock, or the answer when the lock cannot be had.
     fn acquire(&self, blob: &Arc<OpenBlob>) -> Result<BlobLock, Fetch> {
-        match blob.acquire(self.lock_wait) {
+        let waiting = Instant::now();
+        let acquired = blob.acquire(self.lock_wait);
+        self.lock_wait_seconds.observe(waiting.elapsed());
+        match acquired {
             Ok(Some(s)) => Ok(s),
             Ok(None) => Err(Fetch::Again(BlobError::Locked {
                 path: self.path.clone(),

@@ -43,6 +43,12 @@ pub struct Config {
     pub io_timeout: Duration,
     /// Accept memory whose file cannot be shrink-sealed (checked by size before each write).
     pub allow_unsealed_memory: bool,
+    /// Serve Prometheus metrics on this TCP address (host:port); `None`: no endpoint.
+    pub metrics: Option<String>,
+    /// Install the seccomp filter before serving. `Config::new` leaves it off because a
+    /// filter applies to the whole calling process (tests, the demo); the CLI turns it on
+    /// unless `--no-seccomp`.
+    pub seccomp: bool,
 }
 
 impl Config {
@@ -60,6 +66,8 @@ impl Config {
             max_leases: 64,
             io_timeout: Duration::from_millis(5000),
             allow_unsealed_memory: false,
+            metrics: None,
+            seccomp: false,
         }
     }
 }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use coco_sidecar::health::HealthOptions;
 use coco_sidecar::listen::{self, Listen};
 use coco_sidecar::tool::{self, check, files, install::InstallOptions};
-use coco_sidecar::{Config, MissingCerts, Server, Shutdown};
+use coco_sidecar::{metrics, seccomp, Config, MissingCerts, Server, Shutdown};
 
 /// Serves AMD SEV-SNP certificate tables to a VMM's confidential guests.
 #[derive(Debug, Parser)]
@@ -304,6 +304,12 @@ struct ServeArgs {
     /// Accept guest memory files without F_SEAL_SHRINK (size-checked before each write).
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port; off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Do not install the seccomp filter (see docs/hardening.md).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -431,6 +437,8 @@ impl TryFrom<ServeArgs> for Config {
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
         c.allow_unsealed_memory = a.allow_unsealed_memory;
+        c.metrics = a.metrics;
+        c.seccomp = !a.no_seccomp;
         Ok(c)
     }
 }
@@ -445,7 +453,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let shutdown = Shutdown::new()
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    coco_sidecar::rlimit::prepare(config.max_connections, config.max_leases);
+    // What can fail for a bad option comes before the socket exists.
+    let exporter = config.metrics.as_deref().map(metrics::Exporter::bind);
+    let exporter = exporter.transpose().map_err(|e| e.to_string())?;
+    let filter = config.seccomp.then(seccomp::program).transpose();
+    let filter = filter.map_err(|e| e.to_string())?;
     let server = Server::bind(config).map_err(|e| e.to_string())?;
+    if let Some(exporter) = exporter {
+        exporter
+            .serve(server.metrics(), server.store())
+            .map_err(|e| e.to_string())?;
+    }
+    // Every socket exists from here on: the filter forbids making new ones.
+    if let Some(filter) = filter {
+        seccomp::install(&filter).map_err(|e| e.to_string())?;
+    }
     server.run(&shutdown).map_err(|e| e.to_string())
 }
 

@@ -16,7 +16,12 @@ use thiserror::Error;
 use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::listen::{self, ListenError, Listener, PeerPolicy};
+use crate::metrics::Metrics;
 use crate::session::{Outcome, Session};
+
+/// Pause after a failed accept (EMFILE, ENFILE, ENOMEM), so that a full descriptor table
+/// does not turn the accept loop into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why the server could not start or stopped.
 #[derive(Debug, Error)]
@@ -105,6 +110,7 @@ pub struct Server {
     peers: PeerPolicy,
     config: Config,
     store: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -127,12 +133,18 @@ impl Server {
             peers,
             config,
             store,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
     /// The blob store (for counters).
     pub fn store(&self) -> Arc<BlobStore> {
         Arc::clone(&self.store)
+    }
+
+    /// The process's counters (for the metrics endpoint and tests).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Serves until `shutdown` triggers; then stops accepting, closes every connection (so
@@ -165,6 +177,9 @@ impl Server {
                 Ok((s, _)) => s,
                 Err(e) => {
                     warn!("accept failed: {e}");
+                    // Out of descriptors or memory, the connection stays queued and poll
+                    // reports it again at once: pause rather than spin on it.
+                    thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
@@ -172,6 +187,7 @@ impl Server {
             next_id += 1;
             if let Err(why) = self.admit(&stream) {
                 warn!("connection {next_id} refused: {why}");
+                self.metrics.connection_refused();
                 continue;
             }
             if active.load(Ordering::SeqCst) >= self.config.max_connections {
@@ -179,6 +195,7 @@ impl Server {
                     "connection {next_id} refused: already {} connections (--max-connections)",
                     self.config.max_connections
                 );
+                self.metrics.connection_refused();
                 continue;
             }
             match self.spawn(next_id, stream, &active) {
@@ -219,19 +236,25 @@ impl Server {
         stream: UnixStream,
         active: &Arc<AtomicUsize>,
     ) -> io::Result<(UnixStream, JoinHandle<()>)> {
-        let session = Session::new(id, &self.config, Arc::clone(&self.store));
+        let session = Session::new(id, &self.config, Arc::clone(&self.store))
+            .with_metrics(Arc::clone(&self.metrics));
+        let metrics = Arc::clone(&self.metrics);
         let io_timeout = self.config.io_timeout;
         let active = Arc::clone(active);
         let peer = stream.try_clone()?;
         active.fetch_add(1, Ordering::SeqCst);
+        metrics.connection_opened();
         let spawned = thread::Builder::new().name(format!("conn-{id}")).spawn({
             let active = Arc::clone(&active);
+            let metrics = Arc::clone(&metrics);
             move || {
                 info!("connection {id}: accepted");
-                match serve_connection(&stream, session, io_timeout) {
+                let result = serve_connection(&stream, session, io_timeout);
+                match &result {
                     Ok(()) => info!("connection {id}: closed by peer"),
                     Err(e) => warn!("connection {id}: dropped: {e}"),
                 }
+                metrics.connection_closed(result.is_err());
                 // The accept loop keeps a clone of this socket for shutdown; without this the
                 // peer would not see the close until that clone is pruned.
                 let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -242,6 +265,7 @@ impl Server {
             Ok(handle) => Ok((peer, handle)),
             Err(e) => {
                 active.fetch_sub(1, Ordering::SeqCst);
+                metrics.connection_closed(true);
                 Err(e)
             }
         }
@@ -280,7 +304,7 @@ fn serve_connection(
             }
             idle = false;
         }
-        let msg = match transport::recv_message(stream) {
+        let msg = match transport::recv_message_within(stream, io_timeout) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 if session.leases_held() > 0 {

@@ -17,6 +17,7 @@ use crate::certs;
 use crate::config::Config;
 use crate::lease::Leases;
 use crate::memory::GuestRam;
+use crate::metrics::Metrics;
 
 /// What the transport does after a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +40,9 @@ pub struct Session {
     lease_timeout_ms: u32,
     max_leases: u32,
     protocol_features: Option<u64>,
+    metrics: Arc<Metrics>,
+    /// Leases last added to the `leases_held` gauge.
+    leases_reported: usize,
 }
 
 impl Session {
@@ -52,7 +56,24 @@ impl Session {
             lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
             max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
             protocol_features: None,
+            metrics: Arc::new(Metrics::new()),
+            leases_reported: 0,
         }
+    }
+
+    /// Counts this connection's requests and leases in `metrics` (by default they go to a
+    /// private set nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Session {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Brings the `leases_held` gauge in line with the leases this connection holds.
+    fn report_leases(&mut self) {
+        let held = self.leases.len();
+        self.metrics
+            .leases_changed(held as i64 - self.leases_reported as i64);
+        self.leases_reported = held;
     }
 
     /// The earliest lease deadline.
@@ -62,8 +83,13 @@ impl Session {
 
     /// Drops expired leases.
     pub fn expire(&mut self, now: Instant) {
-        for (lease, vcpu) in self.leases.expire(now) {
+        let expired = self.leases.expire(now);
+        for (lease, vcpu) in &expired {
             warn!("connection {}: lease {lease} of vcpu {vcpu} timed out without COCO_DONE; lock released", self.id);
+        }
+        if !expired.is_empty() {
+            self.metrics.lease_timeouts(expired.len());
+            self.report_leases();
         }
     }
 
@@ -208,12 +234,16 @@ impl Session {
                 Outcome::Reply(Header::reply(request, payload.len()), payload)
             }
             FrontendRequest::CocoExit(exit) => {
+                let started = Instant::now();
                 let reply = certs::answer(exit, &self.store, &self.ram, &mut self.leases);
+                self.metrics.record_exit(&reply, started.elapsed());
+                self.report_leases();
                 let payload = reply.encode();
                 Outcome::Reply(Header::reply(request, payload.len()), payload)
             }
             FrontendRequest::CocoDone(lease) => {
                 if self.leases.release(lease) {
+                    self.report_leases();
                     self.ack(header, request, 0)
                 } else {
                     // Expired or never granted: harmless, but the frontend may want to know.
@@ -225,5 +255,12 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Drop for Session {
+    /// The connection's leases go with it (their locks close with the files).
+    fn drop(&mut self) {
+        self.metrics.leases_changed(-(self.leases_reported as i64));
     }
 }

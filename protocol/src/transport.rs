@@ -4,6 +4,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -42,6 +43,42 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
+/// A bound on the time one whole message may take, counted from its first byte. The socket's
+/// receive timeout bounds each `recvmsg`; a peer trickling one byte per timeout would pass
+/// that forever. So once a read comes back short (the slow path: the rest has not arrived
+/// yet), the receive timeout is cut to what is left of the message's time, and put back when
+/// the message is complete. The fast path (a message that arrives whole) costs no extra
+/// system call.
+#[derive(Debug)]
+struct Deadline {
+    timeout: Duration,
+    started: Option<Instant>,
+    shortened: bool,
+}
+
+impl Deadline {
+    /// Before waiting for the rest of a message that came short.
+    fn shorten(&mut self, stream: &UnixStream) -> Result<(), TransportError> {
+        let at = *self.started.get_or_insert_with(Instant::now) + self.timeout;
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock).into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        self.shortened = true;
+        Ok(())
+    }
+
+    /// After the message: the next one gets the full timeout again.
+    fn restore(&mut self, stream: &UnixStream) -> Result<(), TransportError> {
+        if self.shortened {
+            stream.set_read_timeout(Some(self.timeout))?;
+            self.shortened = false;
+        }
+        Ok(())
+    }
+}
+
 /// Reads into `buf` completely, collecting any file descriptors that arrive on the way.
 /// Returns the bytes read, which is less than `buf.len()` only at end of stream. `boundary`:
 /// `buf` starts a message, so a receive timeout before its first byte is [`TransportError::Idle`].
@@ -50,9 +87,17 @@ fn read_full(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     boundary: bool,
+    mut deadline: Option<&mut Deadline>,
 ) -> Result<usize, TransportError> {
     let mut got = 0;
     while got < buf.len() {
+        if let Some(d) = deadline.as_deref_mut() {
+            // Not before the message's first byte, nor on the fast path; from the first short
+            // read on, before every read.
+            if d.started.is_some() && (got > 0 || d.shortened) {
+                d.shorten(stream)?;
+            }
+        }
         let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
         let mut iov = [libc::iovec {
             iov_base: buf[got..].as_mut_ptr().cast(),
@@ -70,6 +115,9 @@ fn read_full(
                 }
                 if n == 0 {
                     return Ok(got);
+                }
+                if let Some(d) = deadline.as_deref_mut() {
+                    d.started.get_or_insert_with(Instant::now);
                 }
                 got += n;
             }
@@ -89,9 +137,33 @@ fn read_full(
 /// receive timeout set on the socket, [`TransportError::Idle`] says that it passed before the
 /// message began, and [`TransportError::Io`] (`WouldBlock`) that it passed in its middle.
 pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, TransportError> {
+    recv(stream, None)
+}
+
+/// Like [`recv_message`], but the whole message must arrive within `timeout` of its first
+/// byte; the socket's receive timeout must already be set to `timeout`. A message not
+/// complete in time is an `Io` error of kind `WouldBlock`, like a receive timeout.
+pub fn recv_message_within(
+    stream: &UnixStream,
+    timeout: Duration,
+) -> Result<Option<Received>, TransportError> {
+    let mut deadline = Deadline {
+        timeout,
+        started: None,
+        shortened: false,
+    };
+    let result = recv(stream, Some(&mut deadline));
+    deadline.restore(stream)?;
+    result
+}
+
+fn recv(
+    stream: &UnixStream,
+    mut deadline: Option<&mut Deadline>,
+) -> Result<Option<Received>, TransportError> {
     let mut fds = Vec::new();
     let mut hdr = [0u8; HEADER_SIZE];
-    match read_full(stream, &mut hdr, &mut fds, true)? {
+    match read_full(stream, &mut hdr, &mut fds, true, deadline.as_deref_mut())? {
         0 if fds.is_empty() => return Ok(None),
         n if n < HEADER_SIZE => {
             return Err(TransportError::Truncated {
@@ -103,7 +175,7 @@ pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, TransportEr
     }
     let header = Header::decode(&hdr)?;
     let mut payload = vec![0u8; header.size as usize];
-    let n = read_full(stream, &mut payload, &mut fds, false)?;
+    let n = read_full(stream, &mut payload, &mut fds, false, deadline)?;
     if n < payload.len() {
         return Err(TransportError::Truncated {
             got: HEADER_SIZE + n,
@@ -232,5 +304,35 @@ mod tests {
         )
         .expect("send");
         assert!(matches!(recv_message(&b), Err(TransportError::TooManyFds)));
+    }
+    #[test]
+    fn a_trickled_message_times_out_as_a_whole() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let timeout = Duration::from_millis(300);
+        b.set_read_timeout(Some(timeout)).expect("timeout");
+        let bytes = Header::request(Request::SetFeatures, 8, false).encode();
+        let writer = std::thread::spawn(move || {
+            // One byte every 100 ms: each recv alone is well within 300 ms.
+            for byte in bytes {
+                if send_bytes(&a, &[byte], &[]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            a
+        });
+        let started = Instant::now();
+        let err = recv_message_within(&b, timeout).expect_err("too slow");
+        assert!(
+            matches!(&err, TransportError::Io(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+            "{took:?}"
+        );
+        assert_eq!(b.read_timeout().expect("get"), Some(timeout), "restored");
+        drop(writer.join().expect("writer"));
     }
 }

@@ -317,3 +317,86 @@ pub fn write_blob(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&p, bytes).expect("write blob");
     p
 }
+
+/// The address of the sidecar's metrics endpoint, read from its log (started with
+/// `--metrics 127.0.0.1:0`, so that the kernel picks a free port).
+pub fn metrics_addr(sidecar: &Sidecar) -> std::net::SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = sidecar.log();
+        if let Some(addr) = log
+            .lines()
+            .filter_map(|l| l.split("metrics on http://").nth(1))
+            .filter_map(|rest| rest.strip_suffix("/metrics"))
+            .find_map(|a| a.parse().ok())
+        {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics address in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An HTTP/1.1 response: status code, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header fields, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over a fresh TCP connection; reads the response to its end.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: coco-tests\r\nAccept: text/plain\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let resp = HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    };
+    if let Some(len) = resp.header("content-length") {
+        assert_eq!(
+            len.parse::<usize>().expect("length"),
+            resp.body.len(),
+            "Content-Length matches the body"
+        );
+    }
+    resp
+}

@@ -1,0 +1,90 @@
+//! The descriptor budget. Everything a peer can make the sidecar hold open is bounded
+//! (docs/hardening.md, "Resource limits"), so the worst case is known: per connection its
+//! socket and the accept loop's clone of it, one descriptor per memory region, one open blob
+//! file per lease, the descriptors of the message being read, and the blob file a request is
+//! opening. `serve` raises the soft RLIMIT_NOFILE to the hard limit and warns when even that
+//! is below the worst case: a peer holding all it may would then make others' requests
+//! answer EAGAIN (never EIO) and new connections wait in the listen queue.
+
+use std::io;
+
+use coco_protocol::wire::{MAX_FDS, MAX_MEM_SLOTS};
+use thiserror::Error;
+
+/// Descriptors the process holds whatever its peers do (stdio, listener, shutdown pair,
+/// signal pipe, metrics listener and scrape, logging), with room to spare.
+const BASELINE_FDS: u64 = 32;
+
+/// Why the limit could not be read or raised.
+#[derive(Debug, Error)]
+pub enum RlimitError {
+    #[error("cannot read RLIMIT_NOFILE: {0}")]
+    Get(io::Error),
+    #[error("cannot raise RLIMIT_NOFILE to {want}: {source}")]
+    Set { want: u64, source: io::Error },
+}
+
+/// The most descriptors `max_connections` peers with `max_leases` each can make us hold.
+pub fn fd_budget(max_connections: usize, max_leases: usize) -> u64 {
+    let per_connection = (max_leases as u64).saturating_add(2 + MAX_MEM_SLOTS + MAX_FDS as u64 + 1);
+    (max_connections as u64)
+        .saturating_mul(per_connection)
+        .saturating_add(BASELINE_FDS)
+}
+
+/// Raises the soft descriptor limit to the hard one; returns the limit now in force.
+pub fn raise_nofile() -> Result<u64, RlimitError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `lim` is, for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(RlimitError::Get(io::Error::last_os_error()));
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = lim.rlim_max;
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit struct, which `raised` is, for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(RlimitError::Set {
+                want,
+                source: io::Error::last_os_error(),
+            });
+        }
+        lim.rlim_cur = want;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Raises the limit and logs whether it covers the worst case of these settings.
+pub fn prepare(max_connections: usize, max_leases: usize) {
+    let budget = fd_budget(max_connections, max_leases);
+    match raise_nofile() {
+        Ok(limit) if limit >= budget => {
+            log::info!("descriptor limit {limit} covers the worst case of {budget}")
+        }
+        Ok(limit) => log::warn!(
+            "descriptor limit {limit} is below the worst case of {budget} for \
+             --max-connections {max_connections} and --max-leases {max_leases}: peers that \
+             hold all they may will see EAGAIN and queued connections; raise the hard \
+             RLIMIT_NOFILE or lower those options"
+        ),
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_worst_case_is_counted_per_connection() {
+        // 16 connections x (2 + 32 regions + 64 leases + 8 in flight + 1 opening) + 32.
+        assert_eq!(fd_budget(16, 64), 16 * 107 + 32);
+        assert_eq!(fd_budget(usize::MAX, usize::MAX), u64::MAX);
+    }
+}

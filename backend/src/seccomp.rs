@@ -1,0 +1,243 @@
+//! The seccomp filter `serve` installs once every socket exists and before it serves.
+//!
+//! It allows only what the serving path needs (docs/hardening.md lists each system call and
+//! why) and kills the whole process on anything else (`SECCOMP_RET_KILL_PROCESS`: nothing can
+//! be logged, the process ends with SIGSYS). Notably absent: `socket`, `bind`, `listen`,
+//! `connect`, `execve`, `fork`-style `clone`, `ptrace`, `open` for writing, `ioctl`,
+//! executable mappings. The filter is installed with TSYNC, so threads that exist already
+//! (none in `serve` today) get it too; threads spawned later inherit it.
+//!
+//! `COCO_SIDECAR_SECCOMP_SELFTEST=1` makes the sidecar try `socket(AF_INET)` right after the
+//! installation: the process must die with SIGSYS. The tests use it; it can only make the
+//! process stop, never widen what it may do.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use thiserror::Error;
+
+/// Environment variable that triggers the self-test (value `1`).
+pub const SELFTEST_ENV: &str = "COCO_SIDECAR_SECCOMP_SELFTEST";
+
+/// Why the filter could not be built or installed.
+#[derive(Debug, Error)]
+pub enum SeccompError {
+    #[error("seccomp: unsupported architecture {0}; run with --no-seccomp")]
+    Arch(&'static str),
+    #[error("seccomp: cannot build the filter: {0}")]
+    Build(#[from] BackendError),
+    #[error("seccomp: cannot install the filter: {0}")]
+    Install(#[from] seccompiler::Error),
+    #[error("seccomp self-test: a forbidden system call (socket) was not stopped")]
+    SelfTestSurvived,
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+}
+
+/// A rule: argument `arg`'s bits in `mask` are all clear.
+fn bits_clear(arg: u8, mask: u64) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![cond(arg, SeccompCmpOp::MaskedEq(mask), 0)?])
+}
+
+/// One rule per allowed value of argument `arg` (the rules of a syscall are OR-ed).
+fn one_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, BackendError> {
+    values
+        .iter()
+        .map(|v| SeccompRule::new(vec![cond(arg, SeccompCmpOp::Eq, *v)?]))
+        .collect()
+}
+
+/// System calls allowed whatever their arguments.
+const UNCONDITIONAL: &[libc::c_long] = &[
+    // Sockets the sidecar already has: accept connections and scrapes, exchange messages
+    // (with SCM_RIGHTS), timeouts, shutdown, peer credentials.
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_ppoll,
+    // Files: read the blob, inspect region files, close, logs to stderr.
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_lseek,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    // Memory: the allocator, guest RAM mappings (executable ones are refused below).
+    libc::SYS_brk,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    // Threads (one per connection), their stacks and synchronisation.
+    libc::SYS_clone3,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    // glibc's malloc sizes its per-thread arenas by the CPUs it may run on.
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_restart_syscall,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Time: deadlines, lock-wait naps; random keys for hash maps.
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_getrandom,
+    // Removing the socket file on shutdown.
+    libc::SYS_unlinkat,
+];
+
+/// Legacy x86_64 system calls that glibc still uses there (aarch64 has only the *at forms).
+#[cfg(target_arch = "x86_64")]
+const UNCONDITIONAL_X86_64: &[libc::c_long] = &[
+    libc::SYS_poll,
+    libc::SYS_nanosleep,
+    libc::SYS_unlink,
+    libc::SYS_gettimeofday,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const UNCONDITIONAL_X86_64: &[libc::c_long] = &[];
+
+/// The filter's rules.
+fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = UNCONDITIONAL
+        .iter()
+        .chain(UNCONDITIONAL_X86_64)
+        .map(|nr| (*nr, Vec::new()))
+        .collect();
+    let prot_exec = libc::PROT_EXEC as u64;
+    // Mappings never executable: guest RAM, stacks and heap are data.
+    rules.insert(libc::SYS_mmap, vec![bits_clear(2, prot_exec)?]);
+    rules.insert(libc::SYS_mprotect, vec![bits_clear(2, prot_exec)?]);
+    // Opening only for reading: the blob (and nothing is ever created or written).
+    let write_flags = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+    rules.insert(libc::SYS_openat, vec![bits_clear(2, write_flags)?]);
+    // fcntl: OFD locks on the blob, seals of region files, descriptor flags and duplicates.
+    rules.insert(
+        libc::SYS_fcntl,
+        one_of(
+            1,
+            &[
+                libc::F_OFD_SETLK as u64,
+                libc::F_OFD_GETLK as u64,
+                libc::F_GET_SEALS as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+            ],
+        )?,
+    );
+    // clone only for threads (glibc's fallback when clone3 is unavailable), never a fork.
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    // glibc's own handlers (SIGCANCEL, SIGSETXID), installed when the first thread starts.
+    rules.insert(libc::SYS_rt_sigaction, one_of(0, &[32, 33])?);
+    // Thread names (std names each connection thread).
+    rules.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
+    // abort() signals only its own process.
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u64;
+    rules.insert(libc::SYS_tgkill, one_of(0, &[pid])?);
+    Ok(rules)
+}
+
+fn target_arch() -> Result<TargetArch, SeccompError> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(TargetArch::x86_64),
+        "aarch64" => Ok(TargetArch::aarch64),
+        other => Err(SeccompError::Arch(other)),
+    }
+}
+
+/// The compiled filter (exposed for tests that inspect it).
+pub fn program() -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules()?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs `program` (from [`program`], built before start-up so that a failure to build it
+/// stops start-up cleanly) on every thread of the process, setting `no_new_privs` first;
+/// then runs the self-test when [`SELFTEST_ENV`] asks for it.
+pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter_all_threads(program)?;
+    log::info!(
+        "seccomp filter installed ({} instructions); a forbidden system call kills the process",
+        program.len()
+    );
+    if std::env::var_os(SELFTEST_ENV).is_some_and(|v| v == "1") {
+        log::warn!("{SELFTEST_ENV}=1: calling socket(AF_INET), which must kill the process");
+        // SAFETY: socket(2) takes no pointers; a descriptor it might return is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+            unsafe { libc::close(fd) };
+        }
+        return Err(SeccompError::SelfTestSurvived);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_compiles_for_this_machine() {
+        let p = program().expect("filter");
+        assert!(p.len() > 50, "a real filter, {} instructions", p.len());
+    }
+
+    #[test]
+    fn dangerous_calls_are_not_in_the_allow_list() {
+        let rules = rules().expect("rules");
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_ioctl,
+            libc::SYS_kill,
+            libc::SYS_memfd_create,
+            libc::SYS_process_vm_writev,
+            libc::SYS_mount,
+        ] {
+            assert!(!rules.contains_key(&nr), "syscall {nr} must not be allowed");
+        }
+    }
+}
