@@ -31,20 +31,7 @@ use libfuzzer_sys::fuzz_target;
 const PAGE: u64 = 4096;
 const MEMFD_SIZE: u64 = 16 * PAGE;
 
-const REQUESTS: [Request; 12] = [
-    Request::GetFeatures,
-    Request::SetFeatures,
-    Request::SetOwner,
-    Request::SetMemTable,
-    Request::GetProtocolFeatures,
-    Request::SetProtocolFeatures,
-    Request::GetMaxMemSlots,
-    Request::AddMemReg,
-    Request::RemMemReg,
-    Request::CocoGetCaps,
-    Request::CocoExit,
-    Request::CocoDone,
-];
+const REQUESTS: [Request; 12] = Request::ALL;
 
 struct Fixture {
     config: Config,

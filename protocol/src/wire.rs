@@ -61,7 +61,8 @@ pub enum Request {
 }
 
 impl Request {
-    const ALL: [Request; 12] = [
+    /// Every request code, in code order.
+    pub const ALL: [Request; 12] = [
         Request::GetFeatures,
         Request::SetFeatures,
         Request::SetOwner,
