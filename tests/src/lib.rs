@@ -173,6 +173,14 @@ pub struct GuestMem {
 impl GuestMem {
     /// A sealed memfd of `size` bytes filled with `fill`.
     pub fn new(size: u64, fill: u8) -> GuestMem {
+        let g = GuestMem::sparse(size);
+        g.write(0, &vec![fill; size as usize]);
+        g
+    }
+
+    /// A sealed memfd of `size` bytes, untouched (sparse, reading as zeros), as QEMU's guest
+    /// RAM is before the guest uses it.
+    pub fn sparse(size: u64) -> GuestMem {
         let memfd = memfd::MemfdOptions::default()
             .allow_sealing(true)
             .create("guest")
@@ -181,9 +189,7 @@ impl GuestMem {
         memfd
             .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
             .expect("seal");
-        let g = GuestMem { memfd, size };
-        g.write(0, &vec![fill; size as usize]);
-        g
+        GuestMem { memfd, size }
     }
 
     /// The whole memfd as one region at `gpa`.

@@ -71,15 +71,7 @@ impl Peak {
 /// Guest RAM as QEMU has it: a large shrink-sealed memfd, untouched (sparse) but for what the
 /// sidecar writes.
 fn sparse_guest_ram(size: u64) -> GuestMem {
-    let memfd = memfd::MemfdOptions::default()
-        .allow_sealing(true)
-        .create("guest")
-        .expect("memfd");
-    memfd.as_file().set_len(size).expect("size");
-    memfd
-        .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
-        .expect("seal");
-    GuestMem { memfd, size }
+    GuestMem::sparse(size)
 }
 
 struct Finished<'a>(&'a AtomicUsize);
