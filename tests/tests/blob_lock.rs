@@ -37,6 +37,31 @@ fn old_and_new() -> (Vec<u8>, Vec<u8>) {
     (old, new)
 }
 
+/// A directory with the served blob (the old table) and a new one to install.
+struct Staged {
+    dir: tempfile::TempDir,
+    old: Vec<u8>,
+    new: Vec<u8>,
+    served: PathBuf,
+    new_path: PathBuf,
+}
+
+fn staged() -> Staged {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = old_and_new();
+    let served = dir.path().join("certs.blob");
+    std::fs::write(&served, &old).expect("write");
+    let new_path = dir.path().join("new.blob");
+    std::fs::write(&new_path, &new).expect("write");
+    Staged {
+        dir,
+        old,
+        new,
+        served,
+        new_path,
+    }
+}
+
 fn blob_cmd() -> Command {
     let mut c = Command::new(sidecar_bin());
     c.arg("blob");
@@ -106,12 +131,13 @@ fn assert_serves(fe: &mut Frontend, mem: &GuestMem, expected: &[u8]) {
 
 #[test]
 fn requests_get_eagain_under_blob_lock_and_the_new_blob_after() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (old, new) = old_and_new();
-    let served = dir.path().join("certs.blob");
-    std::fs::write(&served, &old).expect("write");
-    let new_path = dir.path().join("new.blob");
-    std::fs::write(&new_path, &new).expect("write");
+    let Staged {
+        dir,
+        old,
+        new,
+        served,
+        new_path,
+    } = staged();
     let (_sidecar, mut fe, mem) = serving(&served, &["--lock-wait-ms", "50"]);
     assert_serves(&mut fe, &mem, &old);
 
@@ -160,12 +186,13 @@ fn requests_get_eagain_under_blob_lock_and_the_new_blob_after() {
 
 #[test]
 fn install_waits_for_an_active_lease_and_succeeds_after_done() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (old, new) = old_and_new();
-    let served = dir.path().join("certs.blob");
-    std::fs::write(&served, &old).expect("write");
-    let new_path = dir.path().join("new.blob");
-    std::fs::write(&new_path, &new).expect("write");
+    let Staged {
+        dir: _dir,
+        old,
+        new,
+        served,
+        new_path,
+    } = staged();
     let (_sidecar, mut fe, mem) = serving(&served, &["--lease-timeout-ms", "20000"]);
 
     // A request granted, not yet DONE: its lease holds a shared lock.
@@ -203,12 +230,13 @@ fn install_waits_for_an_active_lease_and_succeeds_after_done() {
 
 #[test]
 fn install_times_out_naming_the_holder() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (old, new) = old_and_new();
-    let served = dir.path().join("certs.blob");
-    std::fs::write(&served, &old).expect("write");
-    let new_path = dir.path().join("new.blob");
-    std::fs::write(&new_path, &new).expect("write");
+    let Staged {
+        dir: _dir,
+        old,
+        new,
+        served,
+        new_path,
+    } = staged();
     let (_sidecar, mut fe, mem) = serving(&served, &["--lease-timeout-ms", "20000"]);
     let (_, lease) = request(&mut fe);
     assert_ne!(lease, 0);
@@ -286,12 +314,13 @@ fn install_creates_an_absent_blob() {
 
 #[test]
 fn blob_lock_passes_status_signals_and_failures_through() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (old, new) = old_and_new();
-    let served = dir.path().join("certs.blob");
-    std::fs::write(&served, &old).expect("write");
-    let new_path = dir.path().join("new.blob");
-    std::fs::write(&new_path, &new).expect("write");
+    let Staged {
+        dir,
+        old,
+        new: _,
+        served,
+        new_path,
+    } = staged();
     let lock = |extra: &[&str], command: &[&str]| {
         blob_cmd()
             .arg("lock")
