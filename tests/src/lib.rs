@@ -40,6 +40,21 @@ fn locker_bin() -> PathBuf {
     workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN")
 }
 
+/// `coco-sidecar serve` on `socket` for `certs`, stderr to the file `log`, no stdin or stdout.
+pub fn serve_command(socket: &Path, certs: &Path, extra: &[&str], log: &Path) -> Command {
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--certs")
+        .arg(certs)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"));
+    cmd
+}
+
 /// A running `coco-sidecar serve` in its own temporary directory.
 #[derive(Debug)]
 pub struct Sidecar {
@@ -74,17 +89,8 @@ impl Sidecar {
         extra: &[&str],
     ) -> Sidecar {
         let log = dir.path().join("sidecar.log");
-        let child = Command::new(sidecar_bin())
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--certs")
-            .arg(certs)
-            .args(extra)
+        let child = serve_command(&socket, certs, extra, &log)
             .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn coco-sidecar");
         let mut s = Sidecar {

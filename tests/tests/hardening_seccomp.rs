@@ -4,14 +4,13 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::{CertsRet, Frontend};
 use coco_tests::{
-    exclusive_lock_free, http_get, metrics_addr, sidecar_bin, table_of_size, write_blob, GuestMem,
-    Sidecar,
+    exclusive_lock_free, http_get, metrics_addr, table_of_size, write_blob, GuestMem, Sidecar,
 };
 
 const RAM: u64 = 1 << 20;
@@ -108,17 +107,9 @@ fn serving_works_under_the_filter_in_every_thread() {
 
 /// Starts `serve` directly (not through [`Sidecar`], which waits for it to accept).
 fn spawn_serve(dir: &Path, blob: &Path, extra: &[&str], selftest: bool) -> Child {
-    let mut cmd = Command::new(sidecar_bin());
-    cmd.arg("serve")
-        .arg("--socket")
-        .arg(dir.join("sidecar.sock"))
-        .arg("--certs")
-        .arg(blob)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("log")).expect("log"));
+    let mut cmd =
+        coco_tests::serve_command(&dir.join("sidecar.sock"), blob, extra, &dir.join("log"));
+    cmd.env("RUST_LOG", "info");
     if selftest {
         cmd.env(SELFTEST_ENV, "1");
     } else {
