@@ -9,6 +9,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use coco_protocol::table::{CertKind, Table};
+use coco_protocol::wire::{self, Header, Request};
 use coco_protocol::{Frontend, MemoryRegion};
 
 /// A binary of this workspace, next to the test executable's `deps` directory, or from the
@@ -107,7 +108,11 @@ impl Sidecar {
     fn wait_accepting(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if let Ok(probe) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                // connect() succeeds as soon as the socket listens, before the accept loop
+                // runs; wait for an answer (or a refusal) so that the probe has been accepted,
+                // and counted, before the test starts looking at the sidecar.
+                Self::answered(probe);
                 return;
             }
             if let Some(status) = self
@@ -120,6 +125,22 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(5));
         }
         panic!("coco-sidecar did not accept within 10 s:\n{}", self.log());
+    }
+
+    /// Sends GET_FEATURES and waits for the reply or for the sidecar to close the connection;
+    /// either shows that it accepted it.
+    fn answered(mut probe: std::os::unix::net::UnixStream) {
+        use std::io::Read;
+        let header = Header::request(Request::GetFeatures, 0, false).encode();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("probe timeout");
+        if probe.write_all(&header).is_ok() {
+            // The whole reply (header and u64), so that closing leaves nothing unread and
+            // the sidecar sees an orderly end, not a reset.
+            let mut reply = [0u8; wire::HEADER_SIZE + 8];
+            let _ = probe.read_exact(&mut reply);
+        }
     }
 
     /// A negotiated frontend connection.
