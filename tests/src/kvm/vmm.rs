@@ -235,6 +235,9 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 enum Exit {
     Out(u16, u32),
     Hlt,
+    /// KVM_RUN returned -EINTR for a signal sent to the thread (the test process spawns and
+    /// reaps processes all the time); a VMM enters again, as QEMU does.
+    Interrupted,
 }
 
 impl Vmm {
@@ -449,6 +452,7 @@ impl Vmm {
                     let exit = Vmm::certs_exit(&mut vcpu, &mut pending, index, spec, observer)?;
                     out.exits.push(exit);
                 }
+                Exit::Interrupted => {}
                 Exit::Out(PORT_DELAY, _) => {
                     out.delays += 1;
                     std::thread::sleep(self.retry_delay);
@@ -477,7 +481,11 @@ impl Vmm {
                 return Ok(Err(e));
             }
         }
-        Ok(match vcpu.run()? {
+        let exit = match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => return Ok(Ok(Exit::Interrupted)),
+            other => other?,
+        };
+        Ok(match exit {
             VcpuExit::IoOut(port, data) => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
@@ -550,7 +558,7 @@ impl Vmm {
             let r = Vmm::enter(vcpu, pending);
             vcpu.set_kvm_immediate_exit(0);
             match r {
-                Err(e) if e.errno() == libc::EINTR => {}
+                Ok(Ok(Exit::Interrupted)) => {}
                 Err(e) => return Err(format!("KVM_RUN with immediate_exit: {e}, not EINTR")),
                 Ok(Ok(_)) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
                 Ok(Err(e)) => return Err(e),
