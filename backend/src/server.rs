@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use coco_protocol::transport::{self, TransportError};
+use coco_protocol::transport::{self, MessageReader, TransportError};
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
@@ -292,19 +292,23 @@ fn serve_connection(
     // before its timeout (io_timeout) would wake us. The timeout wakes an idle connection once;
     // it then waits in poll until traffic.
     let mut idle = false;
+    let mut reader = MessageReader::new();
     loop {
         session.expire(Instant::now());
         let wait = session
             .next_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()));
-        if idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < io_timeout) {
+        // Bytes read ahead are the next message's: handle them before waiting.
+        let waiting = !reader.has_buffered()
+            && (idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < io_timeout));
+        if waiting {
             let ready = poll_in(&[stream.as_raw_fd()], wait).map_err(|e| e.to_string())?;
             if !ready[0] {
                 continue;
             }
             idle = false;
         }
-        let msg = match transport::recv_message_within(stream, io_timeout) {
+        let msg = match reader.recv_within(stream, io_timeout) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 if session.leases_held() > 0 {

@@ -8,7 +8,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::exit::{self, Abi, CertsRet, RecordError};
-use crate::transport::{self, TransportError};
+use crate::transport::{self, MessageReader, TransportError};
 use crate::wire::{
     self, Caps, ExitMsg, Header, RegionDesc, Request, WireError, F_PROTOCOL_FEATURES, PF_COCO,
     PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, SUPPORTED_PROTOCOL_FEATURES,
@@ -84,6 +84,7 @@ pub struct CertsReply {
 #[derive(Debug)]
 pub struct Frontend {
     stream: UnixStream,
+    reader: MessageReader,
     protocol_features: u64,
 }
 
@@ -103,6 +104,7 @@ impl Frontend {
     pub fn handshake(stream: UnixStream) -> Result<Frontend, FrontendError> {
         let mut f = Frontend {
             stream,
+            reader: MessageReader::new(),
             protocol_features: 0,
         };
         let features = f.call_u64(Request::GetFeatures)?;
@@ -155,8 +157,11 @@ impl Frontend {
         Ok(())
     }
 
-    fn reply(&self, request: Request) -> Result<Vec<u8>, FrontendError> {
-        let msg = transport::recv_message(&self.stream)?.ok_or(FrontendError::Closed)?;
+    fn reply(&mut self, request: Request) -> Result<Vec<u8>, FrontendError> {
+        let msg = self
+            .reader
+            .recv(&self.stream)?
+            .ok_or(FrontendError::Closed)?;
         if msg.header.request != request as u32 || !msg.header.is_reply() {
             return Err(WireError::ReplyMismatch {
                 request,
@@ -168,14 +173,19 @@ impl Frontend {
         Ok(msg.payload)
     }
 
-    fn call_u64(&self, request: Request) -> Result<u64, FrontendError> {
+    fn call_u64(&mut self, request: Request) -> Result<u64, FrontendError> {
         self.send(request, &[], &[], false)?;
         Ok(wire::decode_u64(request, &self.reply(request)?)?)
     }
 
     /// Sends a request that has no reply of its own, asking for an acknowledgement when
     /// REPLY_ACK is in force, and turns a non-zero acknowledgement into an error.
-    fn ack(&self, request: Request, payload: &[u8], fds: &[RawFd]) -> Result<(), FrontendError> {
+    fn ack(
+        &mut self,
+        request: Request,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(), FrontendError> {
         let want_ack = self.protocol_features & PF_REPLY_ACK != 0;
         self.send(request, payload, fds, want_ack)?;
         if want_ack {

@@ -700,6 +700,68 @@ fn memory_added_and_removed_at_runtime() {
     );
 }
 
+/// A DONE without NEED_REPLY and the ADD_MEM_REG after it are on their way together, as when
+/// a VMM releases a lease and hot-plugs memory at once: the sidecar reads ahead, and the
+/// region's descriptor must still go to ADD_MEM_REG, not to the DONE read with it.
+#[test]
+fn pipelined_messages_keep_their_own_descriptors() {
+    let (_dir, blob, sidecar) = serving(6000, 4, &[]);
+    let (mem, mut vmm) = with_ram(&sidecar);
+    let table = std::fs::read(&blob).expect("blob");
+    let hot = GuestMem::new(RAM, CANARY);
+    for round in 0..20u64 {
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, 0, 0x2000, 2)
+            .expect("request");
+        assert_eq!(r.ret, CertsRet::Ok);
+        assert_ne!(r.lease, 0);
+        let gpa = (8 + round) * RAM;
+        let stream = vmm.stream();
+        transport::send_message(
+            stream,
+            &Header::request(Request::CocoDone, 8, false),
+            &r.lease.to_le_bytes(),
+            &[],
+        )
+        .expect("DONE");
+        let reg = wire::encode_mem_reg(&hot.region(gpa).desc());
+        transport::send_message(
+            stream,
+            &Header::request(Request::AddMemReg, reg.len(), true),
+            &reg,
+            &[hot.memfd.as_file().as_raw_fd()],
+        )
+        .expect("ADD_MEM_REG");
+        let ack = transport::MessageReader::new()
+            .recv(stream)
+            .expect("ack")
+            .expect("not closed");
+        assert_eq!(ack.header.request, Request::AddMemReg as u32);
+        assert_eq!(
+            ack.payload,
+            0u64.to_le_bytes(),
+            "round {round}: region accepted"
+        );
+        assert!(
+            exclusive_lock_free(&blob),
+            "round {round}: DONE released the lease"
+        );
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, 1, gpa + 0x1000, 2)
+            .expect("request");
+        assert_eq!(
+            r.ret,
+            CertsRet::Ok,
+            "round {round}: served into the new region"
+        );
+        assert_eq!(hot.read(0x1000, table.len()), table);
+        vmm.done(r.lease).expect("done");
+        vmm.remove_mem_region(hot.region(gpa).desc())
+            .expect("remove");
+    }
+    assert_eq!(mem.read(0x2000, table.len()), table);
+}
+
 #[test]
 fn two_connections_with_different_memory_are_isolated() {
     let dir = blob_dir();
