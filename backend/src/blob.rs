@@ -4,9 +4,12 @@
 //! the shared OFD lock is taken on it when the first lease starts and dropped when the last one
 //! ends (a lock count), so a request costs a lock syscall only when no other lease holds it,
 //! and never an `open`/`close`. Parsing and validating happens once per version of the file;
-//! each request decides whether the cached version is still the file's content with one
-//! `stat(path)` taken *under the shared lock*. Why that is sound is argued in docs/design.md
-//! ("Blob cache"); in short:
+//! each request decides whether the cached version is still the file's content, *under the
+//! shared lock*, with one `read` of an inotify queue that watches the path and the file
+//! ([`crate::watch`]): empty, and the cached version was read (or its stamps checked) after the
+//! watch was made, means nothing changed. Otherwise, or where the path cannot be watched, it
+//! takes one `stat(path)`. Why that is sound is argued in docs/design.md ("Blob cache"); in
+//! short:
 //! - updaters rewrite in place under the exclusive lock, so while we hold the shared lock the
 //!   file cannot change, and the stamps we compare belong to the bytes we serve;
 //! - `stat(path)` (not `fstat`) names the file at the path *now*: a rename-replacement (or a
@@ -17,8 +20,12 @@
 //!   Two writes can share one timestamp tick, so a version whose ctime is within
 //!   [`RACY_WINDOW`] of the moment it was read is not trusted: it is re-read (and compared)
 //!   on each request until a read happens well after its ctime (git's "racy clean" rule);
-//! - writes that bypass the stamps (through a shared mapping whose pages are already dirty)
-//!   are caught by re-reading a cached version at least every [`REVERIFY_INTERVAL`].
+//! - every change inotify reports (writes, truncation, renames and deletions of the file or of
+//!   any name its resolution went through) is queued before the call that made it returns,
+//!   so before an updater can drop its exclusive lock;
+//! - writes that bypass the stamps and inotify (through a shared mapping whose pages are
+//!   already dirty) are caught by checking the path and re-reading a cached version at least
+//!   every [`REVERIFY_INTERVAL`].
 //!
 //! A version that fails validation is never served, and neither is the previous one once the
 //! file changed: requests get EAGAIN and an error is logged at most every
@@ -34,12 +41,13 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
-use log::{error, warn};
+use log::{error, info, warn};
 use thiserror::Error;
 
 use crate::config::MissingCerts;
 use crate::metrics::Histogram;
 use crate::ofd::{self, LockKind};
+use crate::watch::PathWatch;
 
 /// A cached version is trusted only if it was read this long after the file's last change.
 /// Generous on purpose: it covers coarse timestamp ticks and 1- or 2-second timestamp
@@ -195,6 +203,25 @@ struct Cached {
     trusted: bool,
     /// When the file's bytes were last read and compared.
     verified: Instant,
+    /// The watch under which this version was last confirmed (read, or its stamps compared,
+    /// after the watch was made); `None` for none.
+    watch: Option<u64>,
+}
+
+/// The inotify watch of the path, when it can be watched.
+#[derive(Debug, Default)]
+struct Watching {
+    /// Made at the first look at the path and kept (see [`PathWatch::new`]).
+    watch: Option<PathWatch>,
+    /// The watch is watching the path as it was at the last look.
+    armed: bool,
+    /// Numbers the watches made, so that a cached version knows which one it was confirmed
+    /// under.
+    generation: u64,
+    /// After a failure, no new watch is tried before this (each try costs system calls).
+    retry_at: Option<Instant>,
+    /// The last failure logged, so that each is logged once.
+    logged: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -229,6 +256,9 @@ pub struct BlobStats {
     pub invalid: u64,
     /// Times the blob was opened (the first time, and after the path was replaced).
     pub opens: u64,
+    /// Requests that looked at the path with `stat` (no watch, or the watch had something to
+    /// report, or the reverify interval had passed).
+    pub path_checks: u64,
 }
 
 #[derive(Debug, Default)]
@@ -236,6 +266,7 @@ struct Counters {
     reloads: AtomicU64,
     invalid: AtomicU64,
     opens: AtomicU64,
+    path_checks: AtomicU64,
 }
 
 /// The blob at one path, with the last validated version cached.
@@ -246,9 +277,12 @@ pub struct BlobStore {
     missing: MissingCerts,
     racy_window: Duration,
     reverify: Duration,
+    /// Watch the path with inotify when possible (tests turn it off to test `stat` alone).
+    watch: bool,
     empty: Arc<[u8]>,
     current: Mutex<Option<Arc<OpenBlob>>>,
     cache: Mutex<Option<Cached>>,
+    watching: Mutex<Watching>,
     counters: Counters,
     lock_wait_seconds: Histogram,
     errors: Mutex<LogGate>,
@@ -268,9 +302,11 @@ impl BlobStore {
             missing,
             racy_window: RACY_WINDOW,
             reverify: REVERIFY_INTERVAL,
+            watch: true,
             empty: Arc::from(&EMPTY_TABLE[..]),
             current: Mutex::new(None),
             cache: Mutex::new(None),
+            watching: Mutex::new(Watching::default()),
             counters: Counters::default(),
             lock_wait_seconds: Histogram::default(),
             errors: Mutex::new(LogGate::default()),
@@ -288,6 +324,7 @@ impl BlobStore {
             reloads: self.counters.reloads.load(Ordering::Relaxed),
             invalid: self.counters.invalid.load(Ordering::Relaxed),
             opens: self.counters.opens.load(Ordering::Relaxed),
+            path_checks: self.counters.path_checks.load(Ordering::Relaxed),
         }
     }
 
@@ -302,10 +339,15 @@ impl BlobStore {
                 Ok(s) => s,
                 Err(f) => return f,
             };
+            let share = match self.unchanged(&blob, share) {
+                Ok(served) => return served,
+                Err(share) => share,
+            };
             // Under the lock: is the path still this file, and which version does it hold?
+            let watch = self.look_at_path();
             match std::fs::metadata(&self.path) {
                 Ok(meta) if meta.dev() == blob.dev && meta.ino() == blob.ino => {
-                    return self.serve(&blob, share, FileKey::of(&meta))
+                    return self.serve(&blob, share, FileKey::of(&meta), watch)
                 }
                 // Replaced (renamed over, or a symlink swapped): serve the new file.
                 Ok(_) => {}
@@ -318,7 +360,14 @@ impl BlobStore {
             }
             drop(share);
             self.forget(&blob);
+            return self.open_and_serve(watch);
         }
+        let watch = self.look_at_path();
+        self.open_and_serve(watch)
+    }
+
+    /// Opens the file at the path and serves it; `watch` was made before.
+    fn open_and_serve(&self, watch: Option<u64>) -> Fetch {
         // The file we open now was at the path after this request began, so it is as new as
         // the request needs, even if the path is replaced again before we lock it.
         let blob = match self.open() {
@@ -331,8 +380,93 @@ impl BlobStore {
             Err(f) => return f,
         };
         match blob.file.metadata() {
-            Ok(meta) => self.serve(&blob, share, FileKey::of(&meta)),
+            Ok(meta) => self.serve(&blob, share, FileKey::of(&meta), watch),
             Err(e) => self.fail_again(self.io_error("stat", &e)),
+        }
+    }
+
+    /// Serves the cached version without looking at the path when the watch proves that
+    /// neither the path nor the file changed since that version was confirmed. Gives the
+    /// share back when it cannot.
+    fn unchanged(&self, blob: &OpenBlob, share: BlobLock) -> Result<Fetch, BlobLock> {
+        let generation = {
+            let mut watching = lock(&self.watching);
+            let generation = watching.generation;
+            if !watching.armed {
+                return Err(share);
+            }
+            match watching.watch.as_mut().map(PathWatch::changed) {
+                Some(Ok(false)) => generation,
+                // Something changed (or the queue cannot be read): look at the path, watching
+                // it again first.
+                _ => {
+                    watching.armed = false;
+                    return Err(share);
+                }
+            }
+        };
+        let cache = lock(&self.cache);
+        match cache.as_ref() {
+            Some(c)
+                if c.watch == Some(generation)
+                    && c.key.dev == blob.dev
+                    && c.key.ino == blob.ino
+                    && c.verified.elapsed() < self.reverify =>
+            {
+                match &c.verdict {
+                    Ok(bytes) => Ok(Fetch::Table {
+                        bytes: Arc::clone(bytes),
+                        lock: Some(share),
+                    }),
+                    Err(e) => {
+                        let e = e.clone();
+                        drop(cache);
+                        Ok(self.fail_again(e))
+                    }
+                }
+            }
+            _ => Err(share),
+        }
+    }
+
+    /// Before a request looks at the path: counts it and makes a new watch.
+    fn look_at_path(&self) -> Option<u64> {
+        self.counters.path_checks.fetch_add(1, Ordering::Relaxed);
+        self.rewatch()
+    }
+
+    /// Makes a new watch of the path, before the caller looks at it; returns its number, or
+    /// `None` when the path cannot be watched (then every request checks it with `stat`).
+    fn rewatch(&self) -> Option<u64> {
+        let mut watching = lock(&self.watching);
+        watching.armed = false;
+        if !self.watch || watching.retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        let result = match watching.watch.as_mut() {
+            Some(watch) => watch.watch(&self.path),
+            None => PathWatch::new().and_then(|mut watch| {
+                let result = watch.watch(&self.path);
+                watching.watch = Some(watch);
+                result
+            }),
+        };
+        match result {
+            Ok(()) => {
+                watching.armed = true;
+                watching.generation += 1;
+                watching.retry_at = None;
+                Some(watching.generation)
+            }
+            Err(e) => {
+                watching.retry_at = Some(Instant::now() + self.reverify);
+                let message = e.to_string();
+                if watching.logged.as_ref() != Some(&message) {
+                    info!("not watching the blob path ({message}); checking it on every request");
+                    watching.logged = Some(message);
+                }
+                None
+            }
         }
     }
 
@@ -403,11 +537,13 @@ impl BlobStore {
 
     /// Serves the version `key` of the share-locked `blob`: from the cache when it is known to
     /// be that version, otherwise by reading it.
-    fn serve(&self, blob: &OpenBlob, share: BlobLock, key: FileKey) -> Fetch {
+    fn serve(&self, blob: &OpenBlob, share: BlobLock, key: FileKey, watch: Option<u64>) -> Fetch {
         {
-            let cache = lock(&self.cache);
-            if let Some(c) = cache.as_ref() {
+            let mut cache = lock(&self.cache);
+            if let Some(c) = cache.as_mut() {
                 if c.key == key && c.trusted && c.verified.elapsed() < self.reverify {
+                    // The stamps, taken after the watch was made, confirm this version.
+                    c.watch = watch;
                     return match &c.verdict {
                         Ok(bytes) => Fetch::Table {
                             bytes: Arc::clone(bytes),
@@ -422,10 +558,10 @@ impl BlobStore {
                 }
             }
         }
-        self.reload(blob, share, key)
+        self.reload(blob, share, key, watch)
     }
 
-    fn reload(&self, blob: &OpenBlob, share: BlobLock, key: FileKey) -> Fetch {
+    fn reload(&self, blob: &OpenBlob, share: BlobLock, key: FileKey, watch: Option<u64>) -> Fetch {
         let read_at = SystemTime::now();
         let verdict = if key.size > MAX_TABLE_BYTES as u64 {
             Err(TableError::TooLarge(key.size as usize))
@@ -458,6 +594,7 @@ impl BlobStore {
             verdict: verdict.clone(),
             trusted: key.settled_at(read_at, self.racy_window),
             verified: Instant::now(),
+            watch,
         });
         drop(cache);
         match verdict {
@@ -570,11 +707,19 @@ mod tests {
         BlobStore::new(p, Duration::from_millis(10), MissingCerts::Empty)
     }
 
-    /// A store that trusts a version at once (no racy window): cache behaviour is then
-    /// deterministic within one timestamp tick.
+    /// A store that trusts the stamps of a version at once (no racy window) and does not
+    /// watch: the behaviour of the `stat` check is then deterministic within one tick.
     fn trusting(p: &Path) -> BlobStore {
-        let mut s = store(p);
+        let mut s = unwatched(p);
         s.racy_window = Duration::ZERO;
+        s
+    }
+
+    /// A store that checks the path with `stat` on every request, as where it cannot be
+    /// watched.
+    fn unwatched(p: &Path) -> BlobStore {
+        let mut s = store(p);
+        s.watch = false;
         s
     }
 
@@ -606,10 +751,71 @@ mod tests {
     }
 
     #[test]
+    fn a_watched_blob_is_served_without_looking_at_the_path_until_it_changes() {
+        let p = Tmp::new("watched");
+        let tmp = Tmp::new("watched-tmp");
+        std::fs::write(&p.0, table(20)).expect("write");
+        let store = store(&p.0);
+        for _ in 0..10 {
+            assert_eq!(served(store.fetch()), table(20));
+        }
+        let s = store.stats();
+        assert_eq!((s.path_checks, s.reloads, s.opens), (1, 1, 1));
+        // In place, same size, same timestamp tick: the watch reports it.
+        std::fs::write(&p.0, table(21)).expect("write");
+        for _ in 0..3 {
+            assert_eq!(served(store.fetch()), table(21));
+        }
+        let s = store.stats();
+        assert_eq!((s.path_checks, s.reloads, s.opens), (2, 2, 1));
+        // Renamed over: a new file at once.
+        std::fs::write(&tmp.0, table(22)).expect("write");
+        std::fs::rename(&tmp.0, &p.0).expect("rename");
+        assert_eq!(served(store.fetch()), table(22));
+        assert_eq!(served(store.fetch()), table(22));
+        let s = store.stats();
+        assert_eq!(
+            (s.path_checks, s.opens),
+            (3, 2),
+            "one look at the path for the rename"
+        );
+        // Deleted: the missing policy, then the file again when it is back.
+        std::fs::remove_file(&p.0).expect("rm");
+        assert_eq!(served(store.fetch()), EMPTY_TABLE);
+        std::fs::write(&p.0, table(23)).expect("write");
+        assert_eq!(served(store.fetch()), table(23));
+    }
+
+    #[test]
+    fn a_watched_blob_is_still_checked_every_reverify_interval() {
+        let p = Tmp::new("watched-reverify");
+        std::fs::write(&p.0, table(24)).expect("write");
+        let mut store = store(&p.0);
+        store.reverify = Duration::from_millis(100);
+        assert_eq!(served(store.fetch()), table(24));
+        assert_eq!(served(store.fetch()), table(24));
+        assert_eq!(store.stats().path_checks, 1);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(served(store.fetch()), table(24));
+        assert_eq!(store.stats().path_checks, 2);
+    }
+
+    #[test]
+    fn without_a_watch_every_request_checks_the_path() {
+        let p = Tmp::new("unwatched");
+        std::fs::write(&p.0, table(25)).expect("write");
+        let store = unwatched(&p.0);
+        for _ in 0..4 {
+            assert_eq!(served(store.fetch()), table(25));
+        }
+        assert_eq!(store.stats().path_checks, 4);
+    }
+
+    #[test]
     fn fresh_files_are_reread_until_settled() {
         let p = Tmp::new("racy");
         std::fs::write(&p.0, table(1)).expect("write");
-        let store = store(&p.0);
+        let store = unwatched(&p.0);
         assert_eq!(served(store.fetch()), table(1));
         // Same size, same second: only the racy rule makes this visible.
         std::fs::write(&p.0, table(2)).expect("write");
@@ -776,14 +982,20 @@ mod tests {
     fn changes_that_leave_the_stamps_alone_are_seen_within_the_reverify_interval() {
         // Writes through a shared mapping stamp the file only at the first write fault of a
         // clean page; later writes to the dirty page change no stamp.
-        let p = Tmp::new("mmap");
-        std::fs::write(&p.0, table(11)).expect("write");
-        let mut store = trusting(&p.0);
-        store.reverify = Duration::from_millis(200);
+        for watched in [false, true] {
+            let p = Tmp::new(&format!("mmap-{watched}"));
+            std::fs::write(&p.0, table(11)).expect("write");
+            let mut store = if watched { store(&p.0) } else { trusting(&p.0) };
+            store.reverify = Duration::from_millis(200);
+            mapped_writes_are_seen_within_the_interval(&p.0, &store);
+        }
+    }
+
+    fn mapped_writes_are_seen_within_the_interval(p: &Path, store: &BlobStore) {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&p.0)
+            .open(p)
             .expect("open");
         let len = table(11).len();
         // SAFETY: a fresh shared mapping of the whole (len-byte) file, checked for failure;
@@ -806,9 +1018,9 @@ mod tests {
         put(&table(12));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(served(store.fetch()), table(12));
-        let stamps = FileKey::of(&std::fs::metadata(&p.0).expect("stat"));
+        let stamps = FileKey::of(&std::fs::metadata(p).expect("stat"));
         put(&table(13));
-        if FileKey::of(&std::fs::metadata(&p.0).expect("stat")) == stamps {
+        if FileKey::of(&std::fs::metadata(p).expect("stat")) == stamps {
             // Invisible to the stamps: the cached version is served until the interval ends.
             assert_eq!(served(store.fetch()), table(12));
         }

@@ -77,6 +77,14 @@ const UNCONDITIONAL: &[libc::c_long] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
+    // Watching the blob's path: resolve it (links, a relative path), watch it, check its
+    // filesystem.
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_inotify_rm_watch,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_statfs,
     // Memory: the allocator, guest RAM mappings (executable ones are refused below).
     libc::SYS_brk,
     libc::SYS_munmap,
@@ -113,6 +121,7 @@ const UNCONDITIONAL_X86_64: &[libc::c_long] = &[
     libc::SYS_nanosleep,
     libc::SYS_unlink,
     libc::SYS_gettimeofday,
+    libc::SYS_readlink,
 ];
 #[cfg(not(target_arch = "x86_64"))]
 const UNCONDITIONAL_X86_64: &[libc::c_long] = &[];
