@@ -148,6 +148,33 @@ def session_seeds():
     ]
 
 
+def reader_seeds():
+    """Message reader input: pieces of (control byte: length - 1, bit 7 = one fd; bytes)."""
+    u64 = lambda v: struct.pack("<Q", v)
+
+    def pieces(stream, cuts, fd_at=()):
+        out, start = b"", 0
+        for i, end in enumerate(list(cuts) + [len(stream)]):
+            while start < end:
+                n = min(end - start, 128)
+                out += bytes([(n - 1) | (0x80 if i in fd_at and start == (cuts[i - 1] if i else 0) else 0)])
+                out += stream[start:start + n]
+                start += n
+        return out
+
+    done = header(COCO_DONE, 8) + u64(1)
+    add = header(ADD_MEM_REG, 40, VERSION | NEED_REPLY) + u64(0) + region(0, 1 << 20, 0)
+    exit_ = header(COCO_EXIT, 48) + exit_msg(2, 0, snp_record(0x1000, 4))
+    feats = header(GET_FEATURES, 0)
+    return [
+        pieces(feats, []),
+        pieces(done + add, [len(done)], fd_at=(1,)),
+        pieces(add + exit_ + done, [len(add), len(add) + len(exit_)], fd_at=(0,)),
+        pieces(exit_, [5, 12, 30]),
+        pieces(feats + feats + done, [3]),
+    ]
+
+
 def table_seeds():
     syn = FIXTURES / "synthetic"
     amd = FIXTURES / "amd"
@@ -169,3 +196,4 @@ if __name__ == "__main__":
     write("wire_decode", wire_seeds())
     write("session", session_seeds())
     write("table_parse", table_seeds())
+    write("message_reader", reader_seeds())
