@@ -237,9 +237,10 @@ impl MessageReader {
 
     /// One `recvmsg` into the free end of the buffer.
     fn read(&mut self, stream: &UnixStream) -> Result<(usize, Vec<OwnedFd>), TransportError> {
-        if self.end == self.buf.len() {
-            // Only a message's own bytes can be left here (a complete one was taken), and
-            // none is longer than the buffer: moving them to the front makes room.
+        if self.start > 0 {
+            // What is left is less than one message (a complete one would have been taken),
+            // and no message is longer than the buffer: moved to the front, the rest of it
+            // fits.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
