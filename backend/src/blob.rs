@@ -213,8 +213,6 @@ struct Cached {
 struct Watching {
     /// Made at the first look at the path and kept (see [`PathWatch::new`]).
     watch: Option<PathWatch>,
-    /// The watch is watching the path as it was at the last look.
-    armed: bool,
     /// Numbers the watches made, so that a cached version knows which one it was confirmed
     /// under.
     generation: u64,
@@ -392,17 +390,11 @@ impl BlobStore {
         let generation = {
             let mut watching = lock(&self.watching);
             let generation = watching.generation;
-            if !watching.armed {
-                return Err(share);
-            }
             match watching.watch.as_mut().map(PathWatch::changed) {
                 Some(Ok(false)) => generation,
-                // Something changed (or the queue cannot be read): look at the path, watching
-                // it again first.
-                _ => {
-                    watching.armed = false;
-                    return Err(share);
-                }
+                // Something changed (or the queue cannot be read, or there is no watch): look
+                // at the path, watching it again first.
+                _ => return Err(share),
             }
         };
         let cache = lock(&self.cache);
@@ -439,7 +431,6 @@ impl BlobStore {
     /// `None` when the path cannot be watched (then every request checks it with `stat`).
     fn rewatch(&self) -> Option<u64> {
         let mut watching = lock(&self.watching);
-        watching.armed = false;
         if !self.watch || watching.retry_at.is_some_and(|at| Instant::now() < at) {
             return None;
         }
@@ -453,7 +444,6 @@ impl BlobStore {
         };
         match result {
             Ok(()) => {
-                watching.armed = true;
                 watching.generation += 1;
                 watching.retry_at = None;
                 Some(watching.generation)

@@ -124,8 +124,8 @@ impl PathWatch {
     }
 
     /// Whether anything watched changed since [`PathWatch::watch`]. Reads the queue without
-    /// blocking: one `read` when it is empty. After `true` the caller watches the path again
-    /// before it looks at it.
+    /// blocking: one `read` when it is empty. Once `true` (or after a failed watch), `true`
+    /// until the path is watched again.
     pub fn changed(&mut self) -> io::Result<bool> {
         if self.interest.is_empty() {
             return Ok(true);
@@ -142,6 +142,8 @@ impl PathWatch {
                 changed |= relevant(self.interest.get(&event.wd), event.mask, event.name);
             }
             if changed {
+                // Watched no more until the caller looked at the path again.
+                self.interest.clear();
                 return Ok(true);
             }
         }
@@ -319,6 +321,9 @@ mod tests {
             .and_then(|f| std::os::unix::fs::FileExt::write_at(&f, b"t", 0))
             .expect("write in place");
         assert!(w.changed().expect("read"));
+        assert!(w.changed().expect("read"), "until watched again");
+        w.watch(&file).expect("watch again");
+        assert!(!w.changed().expect("read"));
     }
 
     #[test]
