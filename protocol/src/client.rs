@@ -135,7 +135,8 @@ impl Frontend {
         Ok(f)
     }
 
-    /// The socket, for callers that poll it or set timeouts.
+    /// The socket, for callers that poll it or set timeouts. Reading from it directly would
+    /// bypass the bytes this client may already have read ahead.
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
