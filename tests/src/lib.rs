@@ -90,7 +90,36 @@ impl Sidecar {
         extra: &[&str],
     ) -> Sidecar {
         let log = dir.path().join("sidecar.log");
-        let child = serve_command(&socket, certs, extra, &log)
+        let cmd = serve_command(&socket, certs, extra, &log);
+        Sidecar::launch(dir, socket, certs, cmd, log)
+    }
+
+    /// Like [`Sidecar::start`], run through `wrapper`: a program and its arguments that end by
+    /// executing the program and arguments appended to them (as `unshare ...` does).
+    pub fn start_wrapped(wrapper: &[&str], certs: &Path, extra: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sidecar.sock");
+        let log = dir.path().join("sidecar.log");
+        let serve = serve_command(&socket, certs, extra, &log);
+        let (program, args) = wrapper.split_first().expect("a wrapper program");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .arg(serve.get_program())
+            .args(serve.get_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        Sidecar::launch(dir, socket, certs, cmd, log)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        certs: &Path,
+        mut cmd: Command,
+        log: PathBuf,
+    ) -> Sidecar {
+        let child = cmd
             .env("RUST_LOG", "debug")
             .spawn()
             .expect("spawn coco-sidecar");

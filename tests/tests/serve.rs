@@ -762,6 +762,55 @@ fn pipelined_messages_keep_their_own_descriptors() {
     assert_eq!(mem.read(0x2000, table.len()), table);
 }
 
+/// Where the blob path cannot be watched (here: no inotify instance may be made, as when a
+/// node's sidecars have used up their user's `fs.inotify.max_user_instances`), the sidecar
+/// says so once and checks the path on every request: updates are still seen at once.
+#[test]
+fn without_inotify_every_request_checks_the_path() {
+    let no_inotify = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" \"$@\"",
+    ];
+    let probe = std::process::Command::new(no_inotify[0])
+        .args(&no_inotify[1..5])
+        .arg("echo 0 > /proc/sys/user/max_inotify_instances")
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot make a user namespace without inotify instances here");
+        return;
+    }
+    let dir = blob_dir();
+    let a = table_of_size(3000, 5);
+    let b = table_of_size(3000, 6);
+    let blob = write_blob(dir.path(), "certs.bin", &a);
+    let sidecar = Sidecar::start_wrapped(&no_inotify, &blob, &[]);
+    let (mem, mut vmm) = with_ram(&sidecar);
+    let mut fetch = |vcpu: u32| {
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, vcpu, 0x1000, 1)
+            .expect("request");
+        assert_eq!(r.ret, CertsRet::Ok);
+        vmm.done(r.lease).expect("done");
+        mem.read(0x1000, a.len())
+    };
+    assert_eq!(fetch(0), a);
+    let staged = write_blob(dir.path(), "certs.new", &b);
+    std::fs::rename(&staged, &blob).expect("rename over");
+    assert_eq!(fetch(1), b, "the first request after the rename");
+    std::fs::write(&blob, &a).expect("rewrite in place, same size");
+    assert_eq!(fetch(2), a, "an in-place rewrite within the same second");
+    let log = sidecar.log();
+    assert_eq!(
+        log.matches("not watching the blob path").count(),
+        1,
+        "said once:\n{log}"
+    );
+}
+
 #[test]
 fn two_connections_with_different_memory_are_isolated() {
     let dir = blob_dir();
