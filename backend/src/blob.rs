@@ -257,6 +257,9 @@ pub struct BlobStats {
     /// Requests that looked at the path with `stat` (no watch, or the watch had something to
     /// report, or the reverify interval had passed).
     pub path_checks: u64,
+    /// The path was watchable at the last look: requests are served without a `stat` until
+    /// something changes.
+    pub watched: bool,
 }
 
 #[derive(Debug, Default)]
@@ -323,6 +326,10 @@ impl BlobStore {
             invalid: self.counters.invalid.load(Ordering::Relaxed),
             opens: self.counters.opens.load(Ordering::Relaxed),
             path_checks: self.counters.path_checks.load(Ordering::Relaxed),
+            watched: {
+                let w = lock(&self.watching);
+                w.generation > 0 && w.retry_at.is_none()
+            },
         }
     }
 
@@ -751,6 +758,7 @@ mod tests {
         }
         let s = store.stats();
         assert_eq!((s.path_checks, s.reloads, s.opens), (1, 1, 1));
+        assert!(s.watched);
         // In place, same size, same timestamp tick: the watch reports it.
         std::fs::write(&p.0, table(21)).expect("write");
         for _ in 0..3 {
@@ -799,6 +807,7 @@ mod tests {
             assert_eq!(served(store.fetch()), table(25));
         }
         assert_eq!(store.stats().path_checks, 4);
+        assert!(!store.stats().watched);
     }
 
     #[test]

@@ -295,6 +295,12 @@ impl Metrics {
                 stats.invalid,
             ),
             (
+                "coco_sidecar_blob_path_checks_total",
+                "Requests that looked at the blob path with stat: the inotify watch reported a \
+                 change, the once-a-second re-check, or the path is not watched.",
+                stats.path_checks,
+            ),
+            (
                 "coco_sidecar_lease_timeouts_total",
                 "Leases dropped by --lease-timeout-ms because no COCO_DONE came.",
                 self.lease_timeouts.load(Ordering::Relaxed),
@@ -330,6 +336,12 @@ impl Metrics {
                 "coco_sidecar_connections",
                 "Frontend connections being served now.",
                 self.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "coco_sidecar_blob_watched",
+                "1 while the blob path is watched with inotify (requests need no stat), 0 \
+                 before the first request and where it cannot be watched.",
+                i64::from(stats.watched),
             ),
         ] {
             w.family(name, "gauge", help);

@@ -16,7 +16,7 @@ use prometheus_parse::{Sample, Scrape, Value};
 const RAM: u64 = 1 << 20;
 
 /// Every metric family the sidecar documents, with its type.
-const FAMILIES: [(&str, &str); 13] = [
+const FAMILIES: [(&str, &str); 15] = [
     ("coco_sidecar_build_info", "gauge"),
     ("coco_sidecar_requests_total", "counter"),
     ("coco_sidecar_exits_unanswered_total", "counter"),
@@ -24,6 +24,8 @@ const FAMILIES: [(&str, &str); 13] = [
     ("coco_sidecar_blob_lock_wait_seconds", "histogram"),
     ("coco_sidecar_blob_reloads_total", "counter"),
     ("coco_sidecar_blob_invalid_total", "counter"),
+    ("coco_sidecar_blob_path_checks_total", "counter"),
+    ("coco_sidecar_blob_watched", "gauge"),
     ("coco_sidecar_lease_timeouts_total", "counter"),
     ("coco_sidecar_connections_accepted_total", "counter"),
     ("coco_sidecar_connections_refused_total", "counter"),
@@ -238,6 +240,11 @@ fn metrics_move_with_requests_leases_blob_and_connections() {
     assert!(m0.all_requests().values().all(|v| *v == 0.0));
     assert_eq!(m0.value("coco_sidecar_leases_held", &[]), 0.0);
     assert_eq!(
+        m0.value("coco_sidecar_blob_watched", &[]),
+        0.0,
+        "not looked at yet"
+    );
+    assert_eq!(
         m0.value(
             "coco_sidecar_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
@@ -288,6 +295,14 @@ fn metrics_move_with_requests_leases_blob_and_connections() {
         accepted0 + 1.0
     );
     assert!(m1.value("coco_sidecar_blob_reloads_total", &[]) >= 1.0);
+    // Watched from the first request on: the others did not look at the path (unless a
+    // second passed, when the cached version is confirmed again).
+    assert_eq!(m1.value("coco_sidecar_blob_watched", &[]), 1.0);
+    let checks = m1.value("coco_sidecar_blob_path_checks_total", &[]);
+    assert!(
+        (1.0..3.0).contains(&checks),
+        "{checks} path checks for 3 requests"
+    );
     assert_eq!(m1.value("coco_sidecar_blob_invalid_total", &[]), 0.0);
 
     vmm.done(ok.lease).expect("done");

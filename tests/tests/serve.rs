@@ -10,7 +10,10 @@ use coco_protocol::exit::Abi;
 use coco_protocol::transport::{self, send_bytes};
 use coco_protocol::wire::{self, Header, RegionDesc, Request, HEADER_SIZE};
 use coco_protocol::{CertsRet, FrontendError};
-use coco_tests::{exclusive_lock_free, table_of_size, write_blob, GuestMem, HeldLock, Sidecar};
+use coco_tests::{
+    exclusive_lock_free, http_get, metrics_addr, table_of_size, write_blob, GuestMem, HeldLock,
+    Sidecar,
+};
 
 const CANARY: u8 = 0xa5;
 const RAM: u64 = 1 << 20;
@@ -787,7 +790,7 @@ fn without_inotify_every_request_checks_the_path() {
     let a = table_of_size(3000, 5);
     let b = table_of_size(3000, 6);
     let blob = write_blob(dir.path(), "certs.bin", &a);
-    let sidecar = Sidecar::start_wrapped(&no_inotify, &blob, &[]);
+    let sidecar = Sidecar::start_wrapped(&no_inotify, &blob, &["--metrics", "127.0.0.1:0"]);
     let (mem, mut vmm) = with_ram(&sidecar);
     let mut fetch = |vcpu: u32| {
         let r = vmm
@@ -809,6 +812,16 @@ fn without_inotify_every_request_checks_the_path() {
         1,
         "said once:\n{log}"
     );
+    let metrics = http_get(metrics_addr(&sidecar), "/metrics").body;
+    for line in [
+        "coco_sidecar_blob_watched 0",
+        "coco_sidecar_blob_path_checks_total 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} in:\n{metrics}"
+        );
+    }
 }
 
 #[test]
