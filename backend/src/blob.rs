@@ -404,27 +404,29 @@ impl BlobStore {
                 _ => return Err(share),
             }
         };
-        let cache = lock(&self.cache);
-        match cache.as_ref() {
+        let verdict = match lock(&self.cache).as_ref() {
             Some(c)
                 if c.watch == Some(generation)
                     && c.key.dev == blob.dev
                     && c.key.ino == blob.ino
                     && c.verified.elapsed() < self.reverify =>
             {
-                match &c.verdict {
-                    Ok(bytes) => Ok(Fetch::Table {
-                        bytes: Arc::clone(bytes),
-                        lock: Some(share),
-                    }),
-                    Err(e) => {
-                        let e = e.clone();
-                        drop(cache);
-                        Ok(self.fail_again(e))
-                    }
-                }
+                c.verdict.clone()
             }
-            _ => Err(share),
+            _ => return Err(share),
+        };
+        Ok(self.answer(verdict, share))
+    }
+
+    /// The answer for a verdict taken out of the cache (whose lock is not held: the error path
+    /// logs).
+    fn answer(&self, verdict: Result<Arc<[u8]>, BlobError>, share: BlobLock) -> Fetch {
+        match verdict {
+            Ok(bytes) => Fetch::Table {
+                bytes,
+                lock: Some(share),
+            },
+            Err(e) => self.fail_again(e),
         }
     }
 
@@ -535,27 +537,18 @@ impl BlobStore {
     /// Serves the version `key` of the share-locked `blob`: from the cache when it is known to
     /// be that version, otherwise by reading it.
     fn serve(&self, blob: &OpenBlob, share: BlobLock, key: FileKey, watch: Option<u64>) -> Fetch {
-        {
-            let mut cache = lock(&self.cache);
-            if let Some(c) = cache.as_mut() {
-                if c.key == key && c.trusted && c.verified.elapsed() < self.reverify {
-                    // The stamps, taken after the watch was made, confirm this version.
-                    c.watch = watch;
-                    return match &c.verdict {
-                        Ok(bytes) => Fetch::Table {
-                            bytes: Arc::clone(bytes),
-                            lock: Some(share),
-                        },
-                        Err(e) => {
-                            let e = e.clone();
-                            drop(cache);
-                            self.fail_again(e)
-                        }
-                    };
-                }
+        let cached = match lock(&self.cache).as_mut() {
+            Some(c) if c.key == key && c.trusted && c.verified.elapsed() < self.reverify => {
+                // The stamps, taken after the watch was made, confirm this version.
+                c.watch = watch;
+                Some(c.verdict.clone())
             }
+            _ => None,
+        };
+        match cached {
+            Some(verdict) => self.answer(verdict, share),
+            None => self.reload(blob, share, key, watch),
         }
-        self.reload(blob, share, key, watch)
     }
 
     fn reload(&self, blob: &OpenBlob, share: BlobLock, key: FileKey, watch: Option<u64>) -> Fetch {
@@ -594,16 +587,10 @@ impl BlobStore {
             watch,
         });
         drop(cache);
-        match verdict {
-            Ok(bytes) => Fetch::Table {
-                bytes,
-                lock: Some(share),
-            },
-            Err(e) => {
-                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-                self.fail_again(e)
-            }
+        if verdict.is_err() {
+            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
         }
+        self.answer(verdict, share)
     }
 
     fn missing(&self) -> Fetch {

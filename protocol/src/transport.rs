@@ -184,7 +184,7 @@ impl MessageReader {
                 }
                 return Err(TransportError::Truncated {
                     got,
-                    want: self.want().unwrap_or(HEADER_SIZE),
+                    want: self.len_at(self.start).unwrap_or(HEADER_SIZE),
                 });
             }
             if !fds.is_empty() {
@@ -193,12 +193,13 @@ impl MessageReader {
         }
     }
 
-    /// Total length of the buffered message, once its header is in.
-    fn want(&self) -> Option<usize> {
-        if self.end - self.start < HEADER_SIZE {
+    /// Total length of the buffered message starting at `at`, once its header is in (as the
+    /// header says: not checked against the limit).
+    fn len_at(&self, at: usize) -> Option<usize> {
+        if at + HEADER_SIZE > self.end {
             return None;
         }
-        let h = &self.buf[self.start..self.start + HEADER_SIZE];
+        let h = &self.buf[at..at + HEADER_SIZE];
         Some(HEADER_SIZE + u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize)
     }
 
@@ -280,14 +281,11 @@ impl MessageReader {
         // holds the last byte. A header not yet complete (or invalid) ends the walk: the
         // message it starts is then the last one.
         let mut at = self.start;
-        while at + HEADER_SIZE <= self.end {
-            let raw = &self.buf[at..at + HEADER_SIZE];
-            let size = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
-            let next = at + HEADER_SIZE + size.min(MAX_PAYLOAD);
-            if size > MAX_PAYLOAD || next >= self.end {
+        while let Some(len) = self.len_at(at) {
+            if len > HEADER_SIZE + MAX_PAYLOAD || at + len >= self.end {
                 break;
             }
-            at = next;
+            at += len;
         }
         let key = self.offset + (at - self.start) as u64;
         match self.fds.iter_mut().find(|(o, _)| *o == key) {

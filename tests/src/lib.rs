@@ -44,6 +44,12 @@ fn locker_bin() -> PathBuf {
 /// `coco-sidecar serve` on `socket` for `certs`, stderr to the file `log`, no stdin or stdout.
 pub fn serve_command(socket: &Path, certs: &Path, extra: &[&str], log: &Path) -> Command {
     let mut cmd = Command::new(sidecar_bin());
+    serve_args(&mut cmd, socket, certs, extra, log);
+    cmd
+}
+
+/// Appends `serve` and its arguments to `cmd`, and sets its standard streams.
+fn serve_args(cmd: &mut Command, socket: &Path, certs: &Path, extra: &[&str], log: &Path) {
     cmd.arg("serve")
         .arg("--socket")
         .arg(socket)
@@ -53,7 +59,6 @@ pub fn serve_command(socket: &Path, certs: &Path, extra: &[&str], log: &Path) ->
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"));
-    cmd
 }
 
 /// A running `coco-sidecar serve` in its own temporary directory.
@@ -100,15 +105,10 @@ impl Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sidecar.sock");
         let log = dir.path().join("sidecar.log");
-        let serve = serve_command(&socket, certs, extra, &log);
         let (program, args) = wrapper.split_first().expect("a wrapper program");
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .arg(serve.get_program())
-            .args(serve.get_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
+        cmd.args(args).arg(sidecar_bin());
+        serve_args(&mut cmd, &socket, certs, extra, &log);
         Sidecar::launch(dir, socket, certs, cmd, log)
     }
 
