@@ -325,18 +325,24 @@ fn wait_accepting(socket: &Path, child: &mut Child) -> Duration {
     }
 }
 
-fn start_sidecar(dir: &Path, name: &str, blob: &Path, extra: &[&str]) -> (Proc, PathBuf) {
-    let socket = dir.join(format!("{name}.sock"));
-    let mut child = Command::new(sidecar_bin())
-        .arg("serve")
+/// `coco-sidecar serve` on `socket` for `blob`, logging at info, no stdin or stdout.
+fn serve_command(socket: &Path, blob: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.arg("serve")
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .arg("--certs")
         .arg(blob)
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+fn start_sidecar(dir: &Path, name: &str, blob: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let socket = dir.join(format!("{name}.sock"));
+    let mut child = serve_command(&socket, blob, extra)
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
         .spawn()
         .expect("spawn coco-sidecar");
@@ -971,15 +977,7 @@ fn memory(dir: &Path, blob: &Path) {
         .map(|i| {
             let socket = dir.join(format!("start-{i}.sock"));
             let t0 = Instant::now();
-            let mut child = Command::new(sidecar_bin())
-                .arg("serve")
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--certs")
-                .arg(blob)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
+            let mut child = serve_command(&socket, blob, &[])
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn");
