@@ -8,7 +8,7 @@ use std::time::Instant;
 use coco_protocol::exit::{Abi, COCO_SUBTYPE_REQ_CERTS};
 use coco_protocol::wire::{
     Caps, FrontendRequest, Header, Request, WireError, F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, PF_COCO,
-    PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, SUPPORTED_PROTOCOL_FEATURES,
+    PF_COCO_LOCK_WAIT, PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, SUPPORTED_PROTOCOL_FEATURES,
 };
 use log::{info, warn};
 
@@ -38,6 +38,7 @@ pub struct Session {
     ram: GuestRam,
     leases: Leases,
     lease_timeout_ms: u32,
+    lock_wait_ms: u32,
     max_leases: u32,
     protocol_features: Option<u64>,
     metrics: Arc<Metrics>,
@@ -54,6 +55,7 @@ impl Session {
             ram: GuestRam::new(config.allow_unsealed_memory),
             leases: Leases::new(config.max_leases, config.lease_timeout),
             lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
+            lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
             max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
             protocol_features: None,
             metrics: Arc::new(Metrics::new()),
@@ -229,6 +231,12 @@ impl Session {
                     coco_subtypes: COCO_SUBTYPE_REQ_CERTS,
                     max_leases: self.max_leases,
                     lease_timeout_ms: self.lease_timeout_ms,
+                    // Reserved (0) for a frontend that did not ask for it.
+                    lock_wait_ms: if self.has(PF_COCO_LOCK_WAIT) {
+                        self.lock_wait_ms
+                    } else {
+                        0
+                    },
                 };
                 let payload = caps.encode();
                 Outcome::Reply(Header::reply(request, payload.len()), payload)

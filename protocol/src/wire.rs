@@ -36,8 +36,12 @@ pub const PF_REPLY_ACK: u64 = 1 << 3;
 pub const PF_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 /// Protocol feature (private): the COCO_* requests. Must be acknowledged to use them.
 pub const PF_COCO: u64 = 1 << 48;
+/// Protocol feature (private): COCO_GET_CAPS announces the sidecar's lock wait, so that a
+/// frontend can check that its own reply timeout is longer.
+pub const PF_COCO_LOCK_WAIT: u64 = 1 << 49;
 /// Every protocol feature the sidecar offers.
-pub const SUPPORTED_PROTOCOL_FEATURES: u64 = PF_REPLY_ACK | PF_CONFIGURE_MEM_SLOTS | PF_COCO;
+pub const SUPPORTED_PROTOCOL_FEATURES: u64 =
+    PF_REPLY_ACK | PF_CONFIGURE_MEM_SLOTS | PF_COCO | PF_COCO_LOCK_WAIT;
 
 /// Base of the private request range, far from vhost-user's numbers ("CC").
 pub const COCO_REQUEST_BASE: u32 = 0x4343_0000;
@@ -258,6 +262,9 @@ pub struct Caps {
     pub max_leases: u32,
     /// Milliseconds after which an unreleased lease is dropped.
     pub lease_timeout_ms: u32,
+    /// Longest wait, in milliseconds, for the blob's shared lock before a request is answered
+    /// EAGAIN. Only with [`PF_COCO_LOCK_WAIT`] negotiated; 0 (reserved) otherwise.
+    pub lock_wait_ms: u32,
 }
 
 /// Size of an encoded [`Caps`].
@@ -271,7 +278,8 @@ impl Caps {
         b.extend_from_slice(&self.coco_subtypes.to_le_bytes());
         b.extend_from_slice(&self.max_leases.to_le_bytes());
         b.extend_from_slice(&self.lease_timeout_ms.to_le_bytes());
-        b.extend_from_slice(&[0u8; 8]);
+        b.extend_from_slice(&self.lock_wait_ms.to_le_bytes());
+        b.extend_from_slice(&[0u8; 4]);
         b
     }
 
@@ -283,6 +291,7 @@ impl Caps {
             coco_subtypes: le_u64(b, 8),
             max_leases: le_u32(b, 16),
             lease_timeout_ms: le_u32(b, 20),
+            lock_wait_ms: le_u32(b, 24),
         })
     }
 }
@@ -647,14 +656,39 @@ mod tests {
     }
 
     #[test]
-    fn caps_round_trip() {
+    fn caps_layout_is_the_documented_one() {
+        // docs/protocol.md 6.1, byte by byte.
+        let bytes: [u8; 32] = [
+            0x06, 0, 0, 0, 0, 0, 0, 0, // abis
+            0x01, 0, 0, 0, 0, 0, 0, 0, // coco_subtypes
+            0x04, 0, 0, 0, // max_leases
+            0x88, 0x13, 0, 0, // lease_timeout_ms = 5000
+            0x64, 0, 0, 0, // lock_wait_ms = 100
+            0, 0, 0, 0, // reserved
+        ];
         let c = Caps {
             abis: 6,
             coco_subtypes: 1,
             max_leases: 4,
             lease_timeout_ms: 5000,
+            lock_wait_ms: 100,
         };
-        assert_eq!(Caps::decode(&c.encode()), Ok(c));
+        assert_eq!(c.encode(), bytes.to_vec());
+        assert_eq!(Caps::decode(&bytes), Ok(c));
+        // Reserved bytes are ignored on decode.
+        let mut future = bytes;
+        future[31] = 0xff;
+        assert_eq!(Caps::decode(&future), Ok(c));
+    }
+
+    #[test]
+    fn protocol_feature_bits_are_the_documented_ones() {
+        // docs/protocol.md 5.1.
+        assert_eq!(PF_REPLY_ACK, 0x8);
+        assert_eq!(PF_CONFIGURE_MEM_SLOTS, 0x8000);
+        assert_eq!(PF_COCO, 0x1_0000_0000_0000);
+        assert_eq!(PF_COCO_LOCK_WAIT, 0x2_0000_0000_0000);
+        assert_eq!(SUPPORTED_PROTOCOL_FEATURES, 0x3_0000_0000_8008);
     }
 
     #[test]

@@ -221,6 +221,39 @@ fn lease_released_when_the_client_disconnects() {
 }
 
 #[test]
+fn lock_wait_is_announced_only_to_a_frontend_that_negotiated_it() {
+    use std::io::Read;
+    let (_dir, _blob, sidecar) = serving(3000, 7, &["--lock-wait-ms", "250"]);
+
+    // The Rust client acknowledges every feature offered, this one included.
+    let mut vmm = sidecar.connect();
+    assert_eq!(vmm.protocol_features() & (1 << 49), 1 << 49);
+    assert_eq!(vmm.caps().expect("caps").lock_wait_ms, 250);
+
+    // A frontend that does not know bit 49 gets the reserved bytes as zero.
+    let raw = sidecar.raw();
+    let features: u64 = 0x8 | 0x8000 | (1 << 48);
+    let mut msg = header(Request::SetProtocolFeatures as u32, 1, 8);
+    msg.extend_from_slice(&features.to_le_bytes());
+    msg.extend_from_slice(&header(Request::CocoGetCaps as u32, 1, 0));
+    send_bytes(&raw, &msg, &[]).expect("send");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reply = [0u8; HEADER_SIZE + 32];
+    (&raw).read_exact(&mut reply).expect("caps reply");
+    assert_eq!(
+        reply[..HEADER_SIZE],
+        header(Request::CocoGetCaps as u32, 5, 32)[..]
+    );
+    assert_eq!(
+        reply[HEADER_SIZE + 24..],
+        [0u8; 8],
+        "bytes 24-31 stay reserved"
+    );
+    assert_eq!(reply[HEADER_SIZE..HEADER_SIZE + 8], 6u64.to_le_bytes());
+}
+
+#[test]
 fn lease_released_after_the_timeout() {
     let (_dir, blob, sidecar) = serving(3000, 6, &["--lease-timeout-ms", "300"]);
     let (_mem, mut vmm) = with_ram(&sidecar);
