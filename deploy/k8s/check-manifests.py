@@ -10,7 +10,7 @@
    (requests <= limits) on every container; read-only certificate hostPath in the VM pod; the
    sidecar is a native sidecar with startup, liveness and readiness probes that run
    `coco-sidecar health` on the socket it serves (readiness with the blob it serves, liveness
-   without); QEMU's chardev names that socket and has reconnect-ms.
+   without); QEMU's coco-sidecar object names that socket and links to its sev-snp-guest.
 3. smoke (with --bin BINARY, the real coco-sidecar): the manifests' own command lines, with
    their container paths mapped into a temporary directory: the sidecar's `serve` arguments
    start a sidecar, every probe command passes against it, the updater Job's `blob install`
@@ -24,6 +24,7 @@ Install the validator with: python3 -m pip install kubernetes-validate==1.37.0
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -189,12 +190,21 @@ def policy(path, docs):
         for kind, c in all_containers(spec):
             if c["name"] != "qemu":
                 continue
-            chardevs = [a for a in c.get("args", []) if a.startswith("socket,")]
+            objects = []
+            for a in c.get("args", []):
+                if a.startswith("{"):
+                    o = json.loads(a)
+                    if o.get("qom-type") == "coco-sidecar":
+                        objects.append(o)
+            check(len(objects) == 1, f"{name}: QEMU has one coco-sidecar object")
             for sock in sockets:
-                ok = any(f"path={sock}" in a.split(",") for a in chardevs)
-                check(ok, f"{name}: QEMU's chardev connects to {sock}")
-            check(bool(chardevs) and all("reconnect-ms=" in a for a in chardevs),
-                  f"{name}: QEMU's chardev has reconnect-ms (survives sidecar restarts)")
+                ok = any(o.get("socket") == {"type": "unix", "path": sock} for o in objects)
+                check(ok, f"{name}: QEMU's coco-sidecar object connects to {sock}")
+            for o in objects:
+                guest = o.get("snp-guest")
+                check(any(a.startswith("sev-snp-guest,") and f"id={guest}" in a.split(",")
+                          for a in c.get("args", [])),
+                      f"{name}: the coco-sidecar object links to the sev-snp-guest object")
 
 
 # --- smoke ------------------------------------------------------------------------------
