@@ -11,8 +11,9 @@
 # kernel, apply the series with no fuzz, run QEMU's checkpatch.pl on every
 # patch, build qemu-system-x86_64 and the qtest, and run the qtest against
 # the real sidecar. For the primary series, also build without KVM (the
-# object must build wherever QEMU does). The binaries stay at
-# $CACHE/<version>/build/.
+# object must build wherever QEMU does). Then boot the test guest under KVM
+# with each QEMU, directly and through libvirt (cargo test, see
+# run_guest_tests). The binaries stay at $CACHE/<version>/build/.
 #
 # Environment:
 #   COCO_SIDECAR_BIN  sidecar binary the qtest starts (default:
@@ -388,6 +389,20 @@ run_qtest() {
         { tail -40 "$out"; die "qtest failed (exit $rc; log: $out)"; }
 }
 
+# The guest built from tests/qemu-guest boots under each QEMU built here, started directly
+# and by libvirt (tests/tests/qemu_kvm.rs, qemu_libvirt.rs). KVM and libvirt requirements
+# come from the caller: COCO_REQUIRE_KVM=1, COCO_REQUIRE_LIBVIRT=1 (tests/libvirt/setup.sh).
+run_guest_tests() {
+    local bins="" v
+    for v in "${VERSIONS[@]}"; do
+        bins+="$v=$CACHE/$v/build/qemu-system-x86_64 "
+    done
+    step "the test guest under KVM, started directly and by libvirt"
+    (cd "$WORKSPACE" && COCO_QEMU_BINS="$bins" COCO_REQUIRE_QEMU=1 \
+        cargo test -p coco-tests --test qemu_kvm --test qemu_libvirt -- --test-threads=1) ||
+        die "the guest tests failed"
+}
+
 log "coco-sidecar QEMU series: ${VERSIONS[*]}; cache $CACHE"
 install_deps
 for v in "${VERSIONS[@]}"; do
@@ -411,4 +426,7 @@ for v in "${VERSIONS[@]}"; do
         run_qtest "$v"
     fi
 done
+if [ "$BUILD_ONLY" = 0 ]; then
+    run_guest_tests
+fi
 log "done in $((SECONDS - T0))s"

@@ -9,6 +9,8 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use coco_protocol::table::{CertKind, Table};
+
+pub mod qemu;
 use coco_protocol::wire::{self, Header, Request};
 use coco_protocol::{Frontend, MemoryRegion};
 
