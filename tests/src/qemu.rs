@@ -298,6 +298,8 @@ pub struct VmOptions {
     pub paused: bool,
     /// More members of the coco-sidecar object, JSON (",\"x-hold-lease\":true").
     pub object_extra: String,
+    /// More properties of the guest RAM backend (",hugetlb=on,hugetlbsize=2M").
+    pub ram_extra: String,
 }
 
 impl VmOptions {
@@ -310,6 +312,7 @@ impl VmOptions {
             params: GuestParams::default(),
             paused: false,
             object_extra: String::new(),
+            ram_extra: String::new(),
         }
     }
 
@@ -364,7 +367,8 @@ impl Vm {
         .args(["-global", "apic-common.vapic=off"])
         .arg("-object")
         .arg(format!(
-            "memory-backend-memfd,id=ram0,size={RAM_MIB}M,share=on"
+            "memory-backend-memfd,id=ram0,size={RAM_MIB}M,share=on{}",
+            opts.ram_extra
         ))
         .arg("-object")
         .arg(opts.object_json())

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use coco_protocol::table::{CertKind, Guid, Table};
-use coco_tests::qemu::{fnv1a32, qemu_bins, try_exclusive, QemuBin, Req, Vm, VmOptions};
+use coco_tests::qemu::{self, fnv1a32, qemu_bins, try_exclusive, QemuBin, Req, Vm, VmOptions};
 use coco_tests::{sidecar_bin, table_of_size, write_blob, HeldLock, Sidecar};
 use serde_json::json;
 
@@ -59,12 +59,16 @@ impl Setup {
     }
 
     fn start_sidecar(&mut self) {
+        self.start_sidecar_with(&[]);
+    }
+
+    fn start_sidecar_with(&mut self, args: &[&str]) {
         let logdir = tempfile::tempdir().expect("tempdir");
         self.sidecar = Some(Sidecar::start_at(
             logdir,
             self.socket.clone(),
             &self.blob,
-            &[],
+            args,
         ));
     }
 
@@ -375,4 +379,61 @@ fn no_sidecar_at_start_up_then_service_once_it_listens() {
             assert!(reqs[0].eagain >= 1);
         },
     );
+}
+
+#[test]
+fn a_timeout_not_above_the_sidecars_lock_wait_is_reported_once() {
+    for_each_qemu(
+        "a_timeout_not_above_the_sidecars_lock_wait_is_reported_once",
+        |bin| {
+            let mut setup = Setup::without_sidecar(5000);
+            setup.start_sidecar_with(&["--lock-wait-ms", "500"]);
+            let mut opts = VmOptions::new(&setup.socket);
+            opts.params.requests = 2;
+            let vm = Vm::start(bin, &opts);
+            let reqs = Req::all(&vm.wait_done(LONG));
+            assert_served(&setup, &reqs);
+            // The sidecar announced 500 ms in COCO_GET_CAPS; QEMU waits 300 ms by default
+            let warning = "timeout-ms=300 is not above the sidecar's lock wait (500 ms)";
+            assert_eq!(vm.stderr().matches(warning).count(), 1, "{}", vm.stderr());
+        },
+    );
+}
+
+/// Free 2 MiB huge pages, from /proc/meminfo.
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn guest_ram_in_huge_pages_is_shared_in_whole_huge_pages() {
+    let test = "guest_ram_in_huge_pages_is_shared_in_whole_huge_pages";
+    let need = u64::from(qemu::RAM_MIB) / 2;
+    if free_huge_pages() < need {
+        let why = format!("fewer than {need} free 2 MiB huge pages (vm.nr_hugepages)");
+        assert!(
+            std::env::var("COCO_REQUIRE_HUGEPAGES").as_deref() != Ok("1"),
+            "{test}: COCO_REQUIRE_HUGEPAGES=1 but {why}"
+        );
+        println!("SKIPPED: {test}: {why}");
+        return;
+    }
+    for_each_qemu(test, |bin| {
+        let setup = Setup::new(5000);
+        let mut opts = VmOptions::new(&setup.socket);
+        // A sealed hugetlb memfd: regions must be multiples of 2 MiB in file and guest
+        // address; the guest's buffers (2 MiB and up) are in the first whole huge page.
+        opts.ram_extra = ",hugetlb=on,hugetlbsize=2M".into();
+        opts.params.requests = 2;
+        opts.params.digests = [setup.digest(), 0];
+        let vm = Vm::start(bin, &opts);
+        let reqs = Req::all(&vm.wait_done(LONG));
+        assert_eq!(reqs.len(), 2, "{}", vm.transcript());
+        assert_served(&setup, &reqs);
+    });
 }
