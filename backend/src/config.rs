@@ -41,8 +41,6 @@ pub struct Config {
     pub max_leases: usize,
     /// How long the rest of a message may take once its first byte arrived.
     pub io_timeout: Duration,
-    /// Accept memory whose file cannot be shrink-sealed (checked by size before each write).
-    pub allow_unsealed_memory: bool,
     /// Serve Prometheus metrics on this TCP address (host:port); `None`: no endpoint.
     pub metrics: Option<String>,
     /// Install the seccomp filter before serving. `Config::new` leaves it off because a
@@ -65,7 +63,6 @@ impl Config {
             max_connections: 16,
             max_leases: 64,
             io_timeout: Duration::from_millis(5000),
-            allow_unsealed_memory: false,
             metrics: None,
             seccomp: false,
         }

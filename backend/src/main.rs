@@ -301,9 +301,6 @@ struct ServeArgs {
     /// Drop a peer that leaves a message unfinished for this long.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     io_timeout_ms: u64,
-    /// Accept guest memory files without F_SEAL_SHRINK (size-checked before each write).
-    #[arg(long)]
-    allow_unsealed_memory: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port; off by default).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -436,7 +433,6 @@ impl TryFrom<ServeArgs> for Config {
         c.max_connections = a.max_connections;
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
-        c.allow_unsealed_memory = a.allow_unsealed_memory;
         c.metrics = a.metrics;
         c.seccomp = !a.no_seccomp;
         Ok(c)

@@ -52,7 +52,7 @@ impl Session {
         Session {
             id,
             store,
-            ram: GuestRam::new(config.allow_unsealed_memory),
+            ram: GuestRam::new(),
             leases: Leases::new(config.max_leases, config.lease_timeout),
             lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
             lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
