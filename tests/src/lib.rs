@@ -81,6 +81,16 @@ impl Sidecar {
         Sidecar::start_in(dir, certs, extra)
     }
 
+    /// Like [`Sidecar::start`], logging at `level` (RUST_LOG) instead of debug.
+    pub fn start_logging(certs: &Path, extra: &[&str], level: &str) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sidecar.sock");
+        let log = dir.path().join("sidecar.log");
+        let mut cmd = serve_command(&socket, certs, extra, &log);
+        cmd.env("RUST_LOG", level);
+        Sidecar::launch(dir, socket, certs, cmd, log)
+    }
+
     /// Like [`Sidecar::start`], in a given directory.
     pub fn start_in(dir: tempfile::TempDir, certs: &Path, extra: &[&str]) -> Sidecar {
         let socket = dir.path().join("sidecar.sock");
@@ -119,10 +129,10 @@ impl Sidecar {
         mut cmd: Command,
         log: PathBuf,
     ) -> Sidecar {
-        let child = cmd
-            .env("RUST_LOG", "debug")
-            .spawn()
-            .expect("spawn coco-sidecar");
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
+        let child = cmd.spawn().expect("spawn coco-sidecar");
         let mut s = Sidecar {
             child: Some(child),
             socket,

@@ -397,6 +397,10 @@ fn lease_timeouts_and_refused_connections_are_counted() {
             "200",
             "--max-connections",
             "1",
+            "--socket-mode",
+            "0666",
+            "--allow-uid",
+            "4242",
         ],
     );
     let addr = metrics_addr(&sidecar);
@@ -404,6 +408,7 @@ fn lease_timeouts_and_refused_connections_are_counted() {
         s.value("coco_sidecar_connections", &[]) == 0.0
     });
     let refused0 = scrape(addr).value("coco_sidecar_connections_refused_total", &[]);
+    let dropped0 = scrape(addr).value("coco_sidecar_connections_dropped_total", &[]);
     let mem = GuestMem::new(RAM, 0);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[mem.region(0)]).expect("memory");
@@ -417,16 +422,53 @@ fn lease_timeouts_and_refused_connections_are_counted() {
     });
     assert_eq!(m.value("coco_sidecar_lease_timeouts_total", &[]), 1.0);
 
-    // With --max-connections 1 taken, another frontend is closed at once and counted.
-    let extra = sidecar.raw();
-    extra
+    // All slots taken (the VMM with memory, 4 spare): a fifth silent peer takes the slot of
+    // the oldest, which the sidecar closes and counts as dropped.
+    let silent: Vec<_> = (0..5)
+        .map(|_| {
+            let s = sidecar.raw();
+            thread::sleep(Duration::from_millis(20));
+            s
+        })
+        .collect();
+    silent[0]
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    assert_eq!(transport::drain(&extra).expect("closed"), 0);
-    let m = eventually(addr, "the refusal is counted", |s| {
+    assert_eq!(transport::drain(&silent[0]).expect("closed"), 0);
+    let m = eventually(addr, "the displaced connection is counted", |s| {
+        s.value("coco_sidecar_connections_dropped_total", &[]) == dropped0 + 1.0
+    });
+    assert_eq!(m.value("coco_sidecar_connections", &[]), 5.0);
+    assert_eq!(
+        m.value("coco_sidecar_connections_refused_total", &[]),
+        refused0
+    );
+
+    // A uid outside --allow-uid is closed at once and counted (needs root to be another uid).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED (the refusal half): not root, cannot connect as another uid");
+        return;
+    }
+    std::fs::set_permissions(
+        sidecar.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let status = std::os::unix::process::CommandExt::uid(
+        std::process::Command::new(coco_tests::sidecar_bin())
+            .args(["health", "--socket"])
+            .arg(&sidecar.socket)
+            .stderr(std::process::Stdio::null()),
+        65534,
+    )
+    .status()
+    .expect("run health as uid 65534");
+    assert_eq!(status.code(), Some(1), "refused");
+    eventually(addr, "the refusal is counted", |s| {
         s.value("coco_sidecar_connections_refused_total", &[]) == refused0 + 1.0
     });
-    assert_eq!(m.value("coco_sidecar_connections", &[]), 1.0);
+    assert!(sidecar.log().contains("uid 65534"), "{}", sidecar.log());
 }
 
 #[test]
