@@ -462,10 +462,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let exporter = exporter.transpose().map_err(|e| e.to_string())?;
     let filter = config.seccomp.then(seccomp::program).transpose();
     let filter = filter.map_err(|e| e.to_string())?;
+    let readiness = metrics::Readiness {
+        certs: config.certs.clone(),
+        lock_wait: config.lock_wait,
+        missing: config.missing_certs,
+    };
     let server = Server::bind(config).map_err(|e| e.to_string())?;
     if let Some(exporter) = exporter {
         exporter
-            .serve(server.metrics(), server.store())
+            .serve(server.metrics(), server.store(), readiness)
             .map_err(|e| e.to_string())?;
     }
     // Every socket exists from here on: the filter forbids making new ones.

@@ -1,6 +1,6 @@
 //! Prometheus metrics: counters and histograms kept in atomics on the serving path, rendered in
-//! the Prometheus text exposition format (version 0.0.4) by a small HTTP endpoint on its own
-//! thread (`--metrics ADDR`, off by default).
+//! the Prometheus text exposition format (version 0.0.4) by a small HTTP endpoint
+//! (`--metrics ADDR`, off by default), which also answers `/healthz` and `/readyz`.
 //!
 //! Why not the `prometheus-client` crate: its histogram takes a lock on every observation and
 //! its labelled families look label sets up in a locked map. Our label sets are fixed and tiny
@@ -13,8 +13,9 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::blob::BlobStore;
+use crate::config::MissingCerts;
+use crate::health;
 
 /// Why the metrics endpoint could not start.
 #[derive(Debug, Error)]
@@ -151,6 +154,8 @@ pub struct Metrics {
     accepted: AtomicU64,
     refused: AtomicU64,
     dropped: AtomicU64,
+    /// Whether the accept loop runs (`/healthz`).
+    serving: AtomicBool,
 }
 
 impl Metrics {
@@ -221,6 +226,16 @@ impl Metrics {
         if dropped {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The accept loop started (true) or stopped (false).
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Whether the accept loop runs.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 
     /// A connection was accepted and closed at once (a limit or a policy refused it).
@@ -312,13 +327,13 @@ impl Metrics {
             ),
             (
                 "coco_sidecar_connections_refused_total",
-                "Frontend connections closed at once (--max-connections or peer policy).",
+                "Frontend connections closed at once by the peer policy (--allow-uid).",
                 self.refused.load(Ordering::Relaxed),
             ),
             (
                 "coco_sidecar_connections_dropped_total",
-                "Served connections the sidecar closed (protocol error, I/O timeout, socket \
-                 error).",
+                "Served connections the sidecar closed (protocol error, I/O or handshake \
+                 timeout, socket error, or to make room for a new connection).",
                 self.dropped.load(Ordering::Relaxed),
             ),
         ];
@@ -398,10 +413,29 @@ fn seconds(ns: u64) -> String {
 
 /// Longest request head the endpoint reads; scrapers send a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8192;
-/// A scraper gets this long to send its request and to read the answer.
-const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// A scraper gets this long to send its request, and again to read the answer.
+const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Scrapes served at once, each on a thread of its own. With all of them busy (peers that
+/// connect and send nothing), the next waits in the listen queue for the first to time out.
+const MAX_SCRAPES: usize = 16;
+
+/// What `/readyz` checks: the blob, as `serve` would serve it (health::blob_ready).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// The blob's path.
+    pub certs: PathBuf,
+    /// The sidecar's `--lock-wait-ms`.
+    pub lock_wait: Duration,
+    /// The sidecar's `--missing-certs`.
+    pub missing: MissingCerts,
+}
 
 /// The `/metrics` endpoint: bound by [`Exporter::bind`], serving after [`Exporter::serve`].
+///
+/// Hand-written rather than a crate's: `tiny_http` (0.12) sets no read timeout and starts a
+/// thread per connection without a bound, so silent peers would hold threads for ever, and
+/// `hyper` needs an async runtime whose epoll and eventfd calls the seccomp filter would have
+/// to allow. A GET of one path needs a request line, a timeout and a bound on threads.
 #[derive(Debug)]
 pub struct Exporter {
     listener: TcpListener,
@@ -427,24 +461,55 @@ impl Exporter {
         self.addr
     }
 
-    /// Serves `GET /metrics` on a thread of its own, one scrape at a time, for as long as the
-    /// process runs.
-    pub fn serve(self, metrics: Arc<Metrics>, store: Arc<BlobStore>) -> Result<(), MetricsError> {
+    /// Serves `GET /metrics`, `/healthz` and `/readyz` for as long as the process runs: each
+    /// scrape on a thread of its own, at most [`MAX_SCRAPES`] at once, each bounded by
+    /// [`SCRAPE_IO_TIMEOUT`] for its request and again for its answer.
+    pub fn serve(
+        self,
+        metrics: Arc<Metrics>,
+        store: Arc<BlobStore>,
+        readiness: Readiness,
+    ) -> Result<(), MetricsError> {
         let Exporter { listener, addr } = self;
+        let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let readiness = Arc::new(readiness);
         thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
                 for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => {
-                            if let Err(e) = scrape(s, &metrics, &store) {
-                                debug!("metrics: scrape failed: {e}");
-                            }
-                        }
+                    let s = match stream {
+                        Ok(s) => s,
                         Err(e) => {
                             warn!("metrics: accept failed: {e}");
                             thread::sleep(Duration::from_millis(100));
+                            continue;
                         }
+                    };
+                    {
+                        let (count, freed) = &*busy;
+                        let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+                        while *n >= MAX_SCRAPES {
+                            n = freed.wait(n).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        *n += 1;
+                    }
+                    let (metrics, store, readiness, done) = (
+                        Arc::clone(&metrics),
+                        Arc::clone(&store),
+                        Arc::clone(&readiness),
+                        Arc::clone(&busy),
+                    );
+                    let spawned = thread::Builder::new().name("scrape".into()).spawn(move || {
+                        if let Err(e) = scrape(s, &metrics, &store, &readiness) {
+                            debug!("metrics: scrape failed: {e}");
+                        }
+                        let (count, freed) = &*done;
+                        *count.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                        freed.notify_one();
+                    });
+                    if let Err(e) = spawned {
+                        warn!("metrics: cannot start a scrape thread: {e}");
+                        *busy.0.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
                     }
                 }
             })
@@ -455,16 +520,24 @@ impl Exporter {
 }
 
 /// Reads the request head (bounded in size and time) and answers it.
-fn scrape(mut s: TcpStream, metrics: &Metrics, store: &BlobStore) -> io::Result<()> {
+fn scrape(
+    mut s: TcpStream,
+    metrics: &Metrics,
+    store: &BlobStore,
+    readiness: &Readiness,
+) -> io::Result<()> {
     s.set_read_timeout(Some(SCRAPE_IO_TIMEOUT))?;
     s.set_write_timeout(Some(SCRAPE_IO_TIMEOUT))?;
     let deadline = Instant::now() + SCRAPE_IO_TIMEOUT;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST_HEAD || Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if head.len() > MAX_REQUEST_HEAD || left.is_zero() {
             return respond(&mut s, "431 Request Header Fields Too Large", "", false);
         }
+        // A peer sending a byte now and then gets the time that is left, not a fresh timeout.
+        s.set_read_timeout(Some(left))?;
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -479,12 +552,38 @@ fn scrape(mut s: TcpStream, metrics: &Metrics, store: &BlobStore) -> io::Result<
         parts.next().unwrap_or_default(),
     );
     let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    let head_only = method == b"HEAD";
     match (method, path) {
         (b"GET" | b"HEAD", b"/metrics") => {
             let body = metrics.render(store);
-            respond(&mut s, "200 OK", &body, method == b"HEAD")
+            respond(&mut s, "200 OK", &body, head_only)
         }
-        (b"GET" | b"HEAD", _) => respond(&mut s, "404 Not Found", "try /metrics\n", false),
+        (b"GET" | b"HEAD", b"/healthz") if metrics.serving() => {
+            respond(&mut s, "200 OK", "serving\n", head_only)
+        }
+        (b"GET" | b"HEAD", b"/healthz") => respond(
+            &mut s,
+            "503 Service Unavailable",
+            "not serving\n",
+            head_only,
+        ),
+        (b"GET" | b"HEAD", b"/readyz") => {
+            match health::blob_ready(&readiness.certs, readiness.lock_wait, readiness.missing) {
+                Ok(state) => respond(&mut s, "200 OK", &format!("ready: {state}\n"), head_only),
+                Err(e) => respond(
+                    &mut s,
+                    "503 Service Unavailable",
+                    &format!("not ready: {e}\n"),
+                    head_only,
+                ),
+            }
+        }
+        (b"GET" | b"HEAD", _) => respond(
+            &mut s,
+            "404 Not Found",
+            "try /metrics, /healthz or /readyz\n",
+            false,
+        ),
         _ => respond(&mut s, "405 Method Not Allowed", "", false),
     }
 }
@@ -498,6 +597,7 @@ fn respond(s: &mut TcpStream, status: &str, body: &str, head_only: bool) -> io::
     if !head_only {
         reply.push_str(body);
     }
+    s.set_read_timeout(Some(SCRAPE_IO_TIMEOUT))?;
     s.write_all(reply.as_bytes())?;
     s.flush()?;
     let _ = s.shutdown(std::net::Shutdown::Write);

@@ -250,6 +250,7 @@ impl Server {
             self.config.handshake_timeout,
         );
         let slots = Slots::new(self.config.max_connections);
+        self.metrics.set_serving(true);
         let mut next_id = 0u64;
         let mut fds = vec![self.listener.as_raw_fd(), shutdown.rx.as_raw_fd()];
         if let Some((rx, _)) = &shutdown.notice {
@@ -308,6 +309,7 @@ impl Server {
                 error!("connection {next_id}: cannot start its thread: {e}");
             }
         };
+        self.metrics.set_serving(false);
         slots.close_all();
         if !slots.wait_empty(SHUTDOWN_WAIT) {
             warn!("connections still open after {SHUTDOWN_WAIT:?}; exiting anyway");
