@@ -21,10 +21,10 @@ const SELFTEST_ENV: &str = "COCO_SIDECAR_SECCOMP_SELFTEST";
 fn thread_seccomp(pid: u32) -> Vec<(String, String, String, String)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task list");
     tasks
-        .map(|t| {
+        .filter_map(|t| {
             let t = t.expect("task").file_name().to_string_lossy().into_owned();
-            let status =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap_or_default();
+            // A thread that ended since the listing (a scrape's, a closed connection's).
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).ok()?;
             let field = |name: &str| {
                 status
                     .lines()
@@ -32,12 +32,12 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String, String, String)> {
                     .map(|v| v.trim().to_owned())
                     .unwrap_or_default()
             };
-            (
+            Some((
                 t,
                 field("Seccomp:"),
                 field("Seccomp_filters:"),
                 field("NoNewPrivs:"),
-            )
+            ))
         })
         .collect()
 }
