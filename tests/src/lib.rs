@@ -288,6 +288,21 @@ impl GuestMem {
     }
 }
 
+/// Runs `coco-sidecar health --socket SOCKET` as `uid` (the caller must be root), for a peer
+/// that `--allow-uid` refuses; its exit status.
+pub fn health_as_uid(socket: &Path, uid: u32) -> ExitStatus {
+    std::os::unix::process::CommandExt::uid(
+        Command::new(sidecar_bin())
+            .args(["health", "--timeout-ms", "100", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        uid,
+    )
+    .status()
+    .expect("run health as another uid")
+}
+
 /// Another process holding an OFD lock until dropped.
 #[derive(Debug)]
 pub struct HeldLock {

@@ -455,15 +455,7 @@ fn lease_timeouts_and_refused_connections_are_counted() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod");
-    let status = std::os::unix::process::CommandExt::uid(
-        std::process::Command::new(coco_tests::sidecar_bin())
-            .args(["health", "--socket"])
-            .arg(&sidecar.socket)
-            .stderr(std::process::Stdio::null()),
-        65534,
-    )
-    .status()
-    .expect("run health as uid 65534");
+    let status = coco_tests::health_as_uid(&sidecar.socket, 65534);
     assert_eq!(status.code(), Some(1), "refused");
     eventually(addr, "the refusal is counted", |s| {
         s.value("coco_sidecar_connections_refused_total", &[]) == refused0 + 1.0
