@@ -38,8 +38,10 @@ pub enum MemoryError {
     Overlap(RegionDesc),
     #[error("already {MAX_MEM_SLOTS} regions")]
     TooMany,
-    #[error("region {0:x?}: the fd is not a regular file on tmpfs or hugetlbfs, open for reading and writing ({1})")]
+    #[error("region {0:x?}: the fd is not a regular file open for reading and writing ({1})")]
     NotUsable(RegionDesc, &'static str),
+    #[error("region {0:x?}: the file is not on tmpfs or hugetlbfs (a write elsewhere could block on I/O while the blob is locked)")]
+    Filesystem(RegionDesc),
     #[error("region {desc:x?}: the file is {file_size} bytes, smaller than offset + size")]
     FileTooSmall { desc: RegionDesc, file_size: u64 },
     #[error(
@@ -62,7 +64,7 @@ impl MemoryError {
         match self {
             MemoryError::Overlap(_) => libc::EEXIST,
             MemoryError::TooMany => libc::ENOSPC,
-            MemoryError::WriteSealed(_) => libc::EPERM,
+            MemoryError::WriteSealed(_) | MemoryError::Filesystem(_) => libc::EPERM,
             MemoryError::NotFound(_) => libc::ENOENT,
             MemoryError::NotUsable(..) | MemoryError::Fd(..) => libc::EBADF,
             _ => libc::EINVAL,
@@ -184,7 +186,7 @@ impl GuestRam {
         let backing = match filesystem(&file).map_err(fd_err)? {
             (libc::TMPFS_MAGIC, _) => Backing::Tmpfs,
             (libc::HUGETLBFS_MAGIC, page) if page.is_power_of_two() => Backing::HugeTlb { page },
-            _ => return Err(MemoryError::NotUsable(*desc, "not on tmpfs or hugetlbfs")),
+            _ => return Err(MemoryError::Filesystem(*desc)),
         };
         if meta.len() < file_end {
             return Err(MemoryError::FileTooSmall {

@@ -285,7 +285,7 @@ fuzz_target!(|data: &[u8]| {
                         leases.push(reply.lease);
                     }
                 }
-                assert!(session.leases_held() <= config.max_leases);
+                assert!(session.leases_held() <= f.config.max_leases);
             }
             Outcome::Quiet => {}
             Outcome::Close(why) => {
