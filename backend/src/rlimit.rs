@@ -14,9 +14,10 @@ use coco_protocol::wire::{MAX_FDS, MAX_MEM_SLOTS};
 use crate::slots::SPARE_SLOTS;
 use thiserror::Error;
 
-/// Descriptors the process holds whatever its peers do (stdio, listener, shutdown and signal
-/// pairs, the blob's file and watch, metrics listener and scrapes), with room to spare.
-const BASELINE_FDS: u64 = 32;
+/// Descriptors the process holds whatever its VMM peers do (stdio, listener, shutdown and
+/// signal pairs, the blob's file and watch, the metrics listener and its at most 16 scrapes,
+/// each `/readyz` with a blob file and a watch of its own), with room to spare.
+const BASELINE_FDS: u64 = 64;
 
 /// Why the limit could not be read or raised.
 #[derive(Debug, Error)]
@@ -90,8 +91,8 @@ mod tests {
 
     #[test]
     fn the_default_worst_case_is_counted_per_connection() {
-        // 16 connections x (2 + 32 regions + 8 in flight) + 4 spare x (2 + 8) + 32.
-        assert_eq!(fd_budget(16, 64), 16 * 42 + 4 * 10 + 32);
+        // 16 connections x (2 + 32 regions + 8 in flight) + 4 spare x (2 + 8) + 64.
+        assert_eq!(fd_budget(16, 64), 16 * 42 + 4 * 10 + 64);
         assert_eq!(fd_budget(usize::MAX, usize::MAX), u64::MAX);
     }
 }
