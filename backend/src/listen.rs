@@ -39,7 +39,7 @@ pub enum ListenError {
     NotSocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL")]
+    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL, and leave room for the ~PID (in hex) of the temporary name it is bound under")]
     PathTooLong(PathBuf),
     #[error("--socket-mode {0:o} is not a permission mode (0 to 0777)")]
     Mode(u32),
