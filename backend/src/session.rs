@@ -90,21 +90,23 @@ impl Session {
         self.slot.as_ref().is_none_or(Slot::pin)
     }
 
+    /// Whether the connection holds guest memory or leases (then its slot is pinned).
+    fn holds(&self) -> bool {
+        !self.ram.is_empty() || !self.leases.is_empty()
+    }
+
     /// Gives the pin back once neither memory nor leases are held.
     fn unpin_if_idle(&self) {
-        if let Some(slot) = &self.slot {
-            if self.ram.is_empty() && self.leases.is_empty() {
-                slot.unpin();
-            }
+        if let Some(slot) = self.slot.as_ref().filter(|_| !self.holds()) {
+            slot.unpin();
         }
     }
 
-    /// After a message: the pin as [`Session::unpin_if_idle`], and how far the connection has
-    /// come.
+    /// After a message, for a connection holding neither memory nor leases: the pin back, and
+    /// how far it has come (a pinned connection never gives way, so its path takes no lock).
     fn settle(&self) {
-        self.unpin_if_idle();
-        if let Some(slot) = &self.slot {
-            slot.progress(if self.negotiated() {
+        if let Some(slot) = self.slot.as_ref().filter(|_| !self.holds()) {
+            slot.settle(if self.negotiated() {
                 Progress::Negotiated
             } else {
                 Progress::Talking

@@ -160,11 +160,18 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// A message was handled; the connection has come this far.
-    pub fn progress(&self, progress: Progress) {
-        if let Some(c) = self.slots.lock().conns.get_mut(&self.id) {
-            c.progress = c.progress.max(progress);
-            c.last = Instant::now();
+    /// A message was handled on a connection that holds neither memory nor leases (any more):
+    /// it gives its pin back, if it had one, and has come this far.
+    pub fn settle(&self, progress: Progress) {
+        let mut state = self.slots.lock();
+        let Some(c) = state.conns.get_mut(&self.id) else {
+            return;
+        };
+        c.progress = c.progress.max(progress);
+        c.last = Instant::now();
+        if c.pinned {
+            c.pinned = false;
+            state.pinned -= 1;
         }
     }
 
@@ -265,8 +272,8 @@ mod tests {
         // 0 and 1 hold memory; 2 negotiated; 3 talked; 4 and 5 said nothing (4 is older).
         assert!(held[0].pin() && held[1].pin());
         assert!(!held[2].pin(), "only 2 may hold memory");
-        held[2].progress(Progress::Negotiated);
-        held[3].progress(Progress::Talking);
+        held[2].settle(Progress::Negotiated);
+        held[3].settle(Progress::Talking);
         assert_eq!(slots.open(), 6);
         let (a, b) = conn();
         let (_s6, out) = slots.admit(6, &a, None, Progress::Silent).expect("admit");
