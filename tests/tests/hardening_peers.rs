@@ -247,6 +247,25 @@ fn a_closed_connection_frees_its_descriptors_and_thread_at_once() {
         fd_count(pid) <= fds0 && threads(pid) == threads0
     });
     println!("freed {took:?} after the close");
+    // The VMM's peer credentials at info level (once it shared memory); a probe's connection
+    // (the harness's readiness probe, connection 1) only at debug level.
+    let log = sidecar.log();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let vmm = format!("a VMM (pid {}, uid {uid}", std::process::id());
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains(&vmm)),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" DEBUG ") && l.contains("connection 1: closed by peer")),
+        "{log}"
+    );
+    assert!(!log
+        .lines()
+        .any(|l| l.contains(" INFO ") && l.contains("connection 1: ")));
 }
 
 #[test]
