@@ -192,8 +192,37 @@ def table_seeds():
     ]
 
 
+def guest_ram_seeds():
+    """Ops of fuzz_targets/guest_ram.rs: files 0 and 1 are tmpfs memfds, 2 a hugetlb one
+    (where the kernel has it), then a write-sealed memfd, a read-only one and /dev/null."""
+
+    def addr(page):
+        return bytes([2]) + struct.pack("<H", page)
+
+    def add(file, gpa, size, off):
+        return bytes([0, file]) + addr(gpa) + addr(size) + addr(off)
+
+    def write_at(gpa, buf_pages, length, fill=7):
+        return bytes([4]) + addr(gpa) + struct.pack("<HH", buf_pages, length) + bytes([0, fill])
+
+    def change(file, size, punch):
+        return bytes([3, file]) + struct.pack("<H", size) + bytes([punch])
+
+    return [
+        add(0, 0, 16, 0) + write_at(1, 2, 5000),
+        add(0, 0, 4, 0) + add(1, 4, 4, 8) + write_at(3, 2, 8000),
+        add(2, 0, 512, 0) + write_at(1, 4, 3000),
+        add(0, 0, 16, 0) + change(0, 0, 0) + write_at(2, 1, 4000),
+        add(0, 0, 16, 0) + change(0, 8, 1) + write_at(0, 4, 12000),
+        add(3, 0, 16, 0) + add(4, 0, 16, 0) + add(5, 0, 16, 0) + add(0, 0, 16, 0),
+        add(0, 0, 16, 0) + bytes([2, 0]) + write_at(1, 1, 100),
+        add(1, 100, 16, 0) + write_at(99, 4, 100),
+    ]
+
+
 if __name__ == "__main__":
     write("wire_decode", wire_seeds())
     write("session", session_seeds())
     write("table_parse", table_seeds())
     write("message_reader", reader_seeds())
+    write("guest_ram", guest_ram_seeds())

@@ -17,7 +17,7 @@ seconds="${1:?usage: fuzz/run.sh SECONDS [TARGET...]}"
 shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(wire_decode session table_parse message_reader)
+  targets=(wire_decode session table_parse message_reader guest_ram)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz/run.sh: installing cargo-fuzz"

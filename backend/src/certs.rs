@@ -99,8 +99,15 @@ fn serve(
         return (CertsRet::NoSpace, Some(pages_for(bytes.len())), 0);
     }
     if let Err(e) = ram.write(req.gpa, buf_len, &bytes) {
-        warn!("vcpu {vcpu}: {e}; answering EIO");
-        return (CertsRet::Io, None, 0);
+        // Guest RAM that cannot take the bytes now (a full tmpfs, no free huge page) can later;
+        // a buffer that is not guest RAM never will.
+        let ret = if e.retryable() {
+            CertsRet::Again
+        } else {
+            CertsRet::Io
+        };
+        warn!("vcpu {vcpu}: {e}; answering {ret:?}");
+        return (ret, None, 0);
     }
     let lease = lock.map_or(0, |file| leases.grant(vcpu, file, Instant::now()));
     (CertsRet::Ok, None, lease)

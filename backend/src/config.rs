@@ -35,14 +35,15 @@ pub struct Config {
     pub lease_timeout: Duration,
     /// Policy while the blob is missing.
     pub missing_certs: MissingCerts,
-    /// Connections served at once; more are accepted and closed at once.
+    /// Connections that may hold guest memory or leases at once; [`crate::slots::SPARE_SLOTS`]
+    /// more may be open without either.
     pub max_connections: usize,
     /// Leases one connection may hold at once.
     pub max_leases: usize,
     /// How long the rest of a message may take once its first byte arrived.
     pub io_timeout: Duration,
-    /// Accept memory whose file cannot be shrink-sealed (checked by size before each write).
-    pub allow_unsealed_memory: bool,
+    /// How long a new connection has to complete the handshake (SET_PROTOCOL_FEATURES).
+    pub handshake_timeout: Duration,
     /// Serve Prometheus metrics on this TCP address (host:port); `None`: no endpoint.
     pub metrics: Option<String>,
     /// Install the seccomp filter before serving. `Config::new` leaves it off because a
@@ -65,7 +66,7 @@ impl Config {
             max_connections: 16,
             max_leases: 64,
             io_timeout: Duration::from_millis(5000),
-            allow_unsealed_memory: false,
+            handshake_timeout: Duration::from_millis(2000),
             metrics: None,
             seccomp: false,
         }

@@ -110,8 +110,16 @@ impl std::fmt::Display for Healthy {
         )?;
         match &self.blob {
             None => Ok(()),
-            Some(BlobState::Table { bytes, entries }) => {
-                write!(f, "; blob valid: {entries} entries, {bytes} bytes")?;
+            Some(blob) => write!(f, "; {blob}"),
+        }
+    }
+}
+
+impl std::fmt::Display for BlobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobState::Table { bytes, entries } => {
+                write!(f, "blob valid: {entries} entries, {bytes} bytes")?;
                 if *bytes > LINUX_GUEST_MAX_BYTES {
                     write!(
                         f,
@@ -120,9 +128,7 @@ impl std::fmt::Display for Healthy {
                 }
                 Ok(())
             }
-            Some(BlobState::AbsentServedEmpty) => {
-                write!(f, "; blob absent: the empty table is served")
-            }
+            BlobState::AbsentServedEmpty => write!(f, "blob absent: the empty table is served"),
         }
     }
 }
@@ -166,7 +172,18 @@ fn probe_socket(opts: &HealthOptions) -> Result<Caps, HealthError> {
 }
 
 fn probe_blob(path: &std::path::Path, opts: &HealthOptions) -> Result<BlobState, HealthError> {
-    let store = BlobStore::new(path, opts.lock_wait, opts.missing);
+    blob_ready(path, opts.lock_wait, opts.missing)
+}
+
+/// Whether the blob at `path` is servable now, judged as `serve` judges it (with a store of
+/// its own: the probe must not move the serving store's counters). Also the metrics
+/// endpoint's `/readyz`.
+pub fn blob_ready(
+    path: &std::path::Path,
+    lock_wait: Duration,
+    missing: MissingCerts,
+) -> Result<BlobState, HealthError> {
+    let store = BlobStore::new(path, lock_wait, missing);
     match store.fetch() {
         // Only a missing blob comes without a locked file.
         Fetch::Table { lock: None, .. } => Ok(BlobState::AbsentServedEmpty),

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod health;
 pub mod lease;
 pub mod listen;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod ofd;
@@ -15,6 +16,7 @@ pub mod rlimit;
 pub mod seccomp;
 pub mod server;
 pub mod session;
+pub mod slots;
 pub mod tool;
 pub mod watch;
 

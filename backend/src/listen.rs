@@ -15,12 +15,12 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::info;
+use log::{info, warn};
 use thiserror::Error;
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
@@ -39,7 +39,7 @@ pub enum ListenError {
     NotSocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL")]
+    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL, and leave room for the ~PID (in hex) of the temporary name it is bound under")]
     PathTooLong(PathBuf),
     #[error("--socket-mode {0:o} is not a permission mode (0 to 0777)")]
     Mode(u32),
@@ -248,17 +248,47 @@ pub struct Listener {
     pub listener: UnixListener,
     /// The path to remove on shutdown: the one we bound (an inherited socket's path belongs to
     /// whoever created it).
-    pub owned_path: Option<PathBuf>,
+    pub owned: Option<OwnedPath>,
+}
+
+/// The socket file this sidecar created: its path and the file's identity, so that shutdown
+/// removes it only while it is still ours (another sidecar may have replaced it since).
+#[derive(Debug, Clone)]
+pub struct OwnedPath {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl OwnedPath {
+    /// Removes the socket file if the path still names the file we bound.
+    pub fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            Ok(_) => info!(
+                "leaving {} alone: it is no longer this sidecar's socket",
+                self.path.display()
+            ),
+            Err(_) => {}
+        }
+    }
 }
 
 impl Listener {
     /// Binds `listen`'s path with `mode`, or takes a duplicate of the inherited socket.
     pub fn open(listen: &Listen, mode: u32) -> Result<Listener, ListenError> {
         match listen {
-            Listen::Path(path) => Ok(Listener {
-                listener: bind(path, mode)?,
-                owned_path: Some(path.clone()),
-            }),
+            Listen::Path(path) => {
+                let (listener, owned) = bind(path, mode)?;
+                Ok(Listener {
+                    listener,
+                    owned: Some(owned),
+                })
+            }
             Listen::Inherited(i) => {
                 let fd = i.fd.try_clone().map_err(|e| ListenError::Inherited {
                     fd: i.number,
@@ -267,14 +297,15 @@ impl Listener {
                 })?;
                 Ok(Listener {
                     listener: UnixListener::from(fd),
-                    owned_path: None,
+                    owned: None,
                 })
             }
         }
     }
 }
 
-/// Removes a stale socket (one nobody accepts on) at `path`; refuses anything else.
+/// Checks what is at `path`: nothing, or a stale socket (one nobody accepts on), which is
+/// removed; refuses anything else.
 fn prepare_path(path: &Path) -> Result<(), ListenError> {
     match std::fs::symlink_metadata(path) {
         Err(_) => Ok(()),
@@ -292,31 +323,73 @@ fn prepare_path(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// Creates a listening socket at `path` whose file has exactly `mode`, with no moment at which
-/// a peer could connect under a wider mode: the socket's own mode is set with fchmod before
-/// bind (so the file is created with `mode` minus the umask, never wider), then the file is
-/// chmod-ed to exactly `mode` before listen (connecting to a socket that is not listening yet
-/// fails with ECONNREFUSED, whatever the mode).
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
-    if mode & !0o777 != 0 {
-        return Err(ListenError::Mode(mode));
-    }
+/// A `sockaddr_un` for `path` and its length; `None` if the path does not fit.
+fn sockaddr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is a plain C struct; all-zero bytes are a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(ListenError::PathTooLong(path.to_owned()));
+        return None;
     }
-    prepare_path(path)?;
-    let fail = |source: io::Error| ListenError::Bind {
-        path: path.to_owned(),
-        source,
-    };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
     let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    Some((addr, len))
+}
+
+/// Renames `from` to `to` unless `to` exists (RENAME_NOREPLACE, or a plain rename where the
+/// filesystem lacks it).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL"))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no other pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = errno();
+    if err.raw_os_error() == Some(libc::EINVAL) {
+        return std::fs::rename(from, to);
+    }
+    Err(err)
+}
+
+/// Creates a listening socket at `path` whose file has exactly `mode`, and that appears at
+/// `path` only once it accepts connections: it is bound under a temporary name next to `path`
+/// (`PATH~PID`), given its mode (fchmod before bind, so the file is created with `mode` minus
+/// the umask, never wider; then chmod to exactly `mode`), put in the listening state, and
+/// renamed to `path`. A client that sees the path can connect; none can connect under a
+/// wider mode. Returns the socket and the identity of its file.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedPath), ListenError> {
+    if mode & !0o777 != 0 {
+        return Err(ListenError::Mode(mode));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!("~{:x}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let (Some(_), Some((addr, len))) = (sockaddr(path), sockaddr(&tmp)) else {
+        return Err(ListenError::PathTooLong(path.to_owned()));
+    };
+    prepare_path(path)?;
+    let fail = |source: io::Error| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    // A socket left under this name by a crashed process of the same pid.
+    let _ = std::fs::remove_file(&tmp);
 
     // SAFETY: socket(2) has no memory-safety preconditions.
     let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -342,21 +415,36 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     if rc != 0 {
         return Err(fail(errno()));
     }
-    let made = std::fs::symlink_metadata(path).map_err(fail)?;
-    if !made.file_type().is_socket() {
-        return Err(fail(io::Error::other("the bound path is not a socket")));
+    let finish = || -> io::Result<OwnedPath> {
+        let made = std::fs::symlink_metadata(&tmp)?;
+        if !made.file_type().is_socket() {
+            return Err(io::Error::other("the bound path is not a socket"));
+        }
+        if made.permissions().mode() & 0o777 != mode {
+            // Only ever widens towards `mode` (the umask removed bits); nobody can connect yet.
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        }
+        // SAFETY: listen(2) on a bound socket we own.
+        if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
+            return Err(errno());
+        }
+        rename_noreplace(&tmp, path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => io::Error::other("another sidecar created it meanwhile"),
+            _ => e,
+        })?;
+        Ok(OwnedPath {
+            path: path.to_owned(),
+            dev: made.dev(),
+            ino: made.ino(),
+        })
+    };
+    match finish() {
+        Ok(owned) => Ok((UnixListener::from(fd), owned)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(fail(e))
+        }
     }
-    if made.permissions().mode() & 0o777 != mode {
-        // Only ever widens towards `mode` (the umask removed bits); nobody can connect yet.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
-    }
-    // SAFETY: listen(2) on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
-        let err = errno();
-        let _ = std::fs::remove_file(path);
-        return Err(fail(err));
-    }
-    Ok(UnixListener::from(fd))
 }
 
 /// Who is on the other end of a connection (`SO_PEERCRED`: as of its `connect`).
@@ -453,11 +541,19 @@ mod tests {
         let d = tmpdir("mode");
         for mode in [0o600, 0o660, 0o666, 0o700] {
             let p = d.join(format!("s{mode:o}"));
-            let l = bind(&p, mode).expect("bind");
+            let (l, _) = bind(&p, mode).expect("bind");
             let got = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
             assert_eq!(got, mode);
             check_listening_unix_stream(l.as_fd()).expect("listening");
-            assert_eq!(local_path(l.as_fd()), Some(p));
+            // Bound under the temporary name, then renamed into place.
+            let bound = local_path(l.as_fd()).expect("named");
+            assert!(
+                bound
+                    .to_string_lossy()
+                    .starts_with(&format!("{}~", p.display())),
+                "{}",
+                bound.display()
+            );
         }
         assert!(matches!(
             bind(&d.join("x"), 0o1777),
@@ -468,6 +564,23 @@ mod tests {
             bind(&long, 0o600),
             Err(ListenError::PathTooLong(_))
         ));
+        std::fs::remove_dir_all(&d).expect("rm");
+    }
+
+    #[test]
+    fn shutdown_removes_the_socket_only_while_it_is_ours() {
+        let d = tmpdir("owned");
+        let p = d.join("s");
+        let (_l, owned) = bind(&p, 0o600).expect("bind");
+        // Replaced by someone else (another sidecar's socket, say): left alone.
+        std::fs::remove_file(&p).expect("rm");
+        std::fs::write(&p, b"not ours").expect("write");
+        owned.remove();
+        assert_eq!(std::fs::read(&p).expect("still there"), b"not ours");
+        std::fs::remove_file(&p).expect("rm");
+        let (_l, owned) = bind(&p, 0o600).expect("bind again");
+        owned.remove();
+        assert!(std::fs::symlink_metadata(&p).is_err(), "ours: removed");
         std::fs::remove_dir_all(&d).expect("rm");
     }
 
@@ -495,14 +608,14 @@ mod tests {
     fn an_inherited_listener_is_taken_over() {
         let d = tmpdir("inherit");
         let p = d.join("s");
-        let l = bind(&p, 0o600).expect("bind");
+        let (l, _) = bind(&p, 0o600).expect("bind");
         let number = std::os::fd::IntoRawFd::into_raw_fd(l);
         let i = inherit(number, "--fd").expect("a listening socket");
         assert!(Listen::Inherited(i.clone())
             .describe()
             .contains(&p.display().to_string()));
         let opened = Listener::open(&Listen::Inherited(i), 0o600).expect("dup");
-        assert!(opened.owned_path.is_none(), "not ours to remove");
+        assert!(opened.owned.is_none(), "not ours to remove");
         let _client = UnixStream::connect(&p).expect("connect");
         opened.listener.accept().expect("accept");
         assert!(matches!(

@@ -292,7 +292,7 @@ struct ServeArgs {
     /// What a request gets while the blob does not exist.
     #[arg(long, value_enum, default_value = "empty")]
     missing_certs: MissingArg,
-    /// Connections served at once.
+    /// Connections that may hold guest memory or leases at once (4 more may be open without).
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
     /// Leases one connection may hold at once.
@@ -301,9 +301,9 @@ struct ServeArgs {
     /// Drop a peer that leaves a message unfinished for this long.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     io_timeout_ms: u64,
-    /// Accept guest memory files without F_SEAL_SHRINK (size-checked before each write).
-    #[arg(long)]
-    allow_unsealed_memory: bool,
+    /// Close a connection that has not completed the handshake this long after connecting.
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    handshake_timeout_ms: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port; off by default).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -390,8 +390,11 @@ impl TryFrom<ServeArgs> for Config {
     type Error = String;
 
     fn try_from(a: ServeArgs) -> Result<Config, String> {
-        if a.lease_timeout_ms == 0 || a.io_timeout_ms == 0 {
-            return Err("--lease-timeout-ms and --io-timeout-ms must be positive".into());
+        if a.lease_timeout_ms == 0 || a.io_timeout_ms == 0 || a.handshake_timeout_ms == 0 {
+            return Err(
+                "--lease-timeout-ms, --io-timeout-ms and --handshake-timeout-ms must be positive"
+                    .into(),
+            );
         }
         if a.max_connections == 0 || a.max_leases == 0 {
             return Err("--max-connections and --max-leases must be positive".into());
@@ -436,7 +439,7 @@ impl TryFrom<ServeArgs> for Config {
         c.max_connections = a.max_connections;
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
-        c.allow_unsealed_memory = a.allow_unsealed_memory;
+        c.handshake_timeout = Duration::from_millis(a.handshake_timeout_ms);
         c.metrics = a.metrics;
         c.seccomp = !a.no_seccomp;
         Ok(c)
@@ -459,10 +462,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let exporter = exporter.transpose().map_err(|e| e.to_string())?;
     let filter = config.seccomp.then(seccomp::program).transpose();
     let filter = filter.map_err(|e| e.to_string())?;
+    let readiness = metrics::Readiness {
+        certs: config.certs.clone(),
+        lock_wait: config.lock_wait,
+        missing: config.missing_certs,
+    };
     let server = Server::bind(config).map_err(|e| e.to_string())?;
     if let Some(exporter) = exporter {
         exporter
-            .serve(server.metrics(), server.store())
+            .serve(server.metrics(), server.store(), readiness)
             .map_err(|e| e.to_string())?;
     }
     // Every socket exists from here on: the filter forbids making new ones.
@@ -501,8 +509,12 @@ fn main() -> ExitCode {
         // The probe prints its one line itself.
         Command::Health(_) => "off",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+            .build();
+    log::set_max_level(logger.filter());
+    // Peers decide how often most lines are logged: each call site gets a bounded rate.
+    let _ = log::set_boxed_logger(Box::new(coco_sidecar::logging::RateLimited::new(logger)));
     let result = match cli.command {
         Command::Blob(command) => return blob(command),
         Command::Health(args) => return health(args),

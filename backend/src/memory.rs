@@ -1,20 +1,29 @@
-//! One connection's view of guest RAM: the regions the frontend shared, mapped with vm-memory.
+//! One connection's view of guest RAM: the regions the frontend shared, kept as open files.
 //!
-//! Every region is checked before it is mapped (alignment, overflow, overlap, count, a regular
-//! file large enough, a shrink seal), so that a write can never fault or land outside the
-//! guest's RAM. A file that could shrink after mapping would turn a later write into SIGBUS:
-//! hence the seal, or, where the operator allows unsealed files, a size check before each write.
+//! The table is written with system calls, never by storing through a mapping: a store into a
+//! page the kernel cannot supply (a file shrunk after it was shared, a sparse file on a full
+//! tmpfs, a hugetlbfs file whose huge-page pool is empty, a hole punched a moment ago) is a
+//! SIGBUS that kills the process, and no check made beforehand can rule it out, since the
+//! frontend can change the file at any moment. A system call that meets the same page returns
+//! an error instead. So:
+//! - tmpfs files (memfds, `/dev/shm`): `pwrite(2)` on the region's descriptor;
+//! - hugetlbfs files, which have no `write(2)`: the pages under the buffer are mapped for the
+//!   one write and filled by `process_vm_readv(2)` on this very process, whose copy into the
+//!   mapping is done by the kernel and fails with EFAULT where a store would fault. Nothing in
+//!   this process touches that mapping, and it is unmapped before the write returns.
+//!
+//! So no mapping outlives a write: a region costs one descriptor, whatever its size, and the
+//! sum of what peers register bounds nothing. Files anywhere else (a disk, FUSE, NFS) are
+//! refused: a write there can block on I/O, or on a peer's FUSE server, while the request
+//! holds the blob's lock.
 
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
 
 use coco_protocol::wire::{RegionDesc, MAX_MEM_SLOTS};
 use thiserror::Error;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
 
 const PAGE: u64 = 4096;
 
@@ -29,24 +38,24 @@ pub enum MemoryError {
     Overlap(RegionDesc),
     #[error("already {MAX_MEM_SLOTS} regions")]
     TooMany,
-    #[error("region {0:x?}: the fd is not a regular file")]
-    NotRegular(RegionDesc),
+    #[error("region {0:x?}: the fd is not a regular file open for reading and writing ({1})")]
+    NotUsable(RegionDesc, &'static str),
+    #[error("region {0:x?}: the file is not on tmpfs or hugetlbfs (a write elsewhere could block on I/O while the blob is locked)")]
+    Filesystem(RegionDesc),
     #[error("region {desc:x?}: the file is {file_size} bytes, smaller than offset + size")]
     FileTooSmall { desc: RegionDesc, file_size: u64 },
-    #[error("region {0:x?}: the file is not sealed against shrinking (F_SEAL_SHRINK); seal it or start the sidecar with --allow-unsealed-memory")]
-    NotSealed(RegionDesc),
+    #[error(
+        "region {0:x?}: the file is sealed against writing (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE)"
+    )]
+    WriteSealed(RegionDesc),
     #[error("region {0:x?}: cannot inspect the fd: {1}")]
-    Fd(RegionDesc, std::io::Error),
-    #[error("region {0:x?}: mmap failed: {1}")]
-    Map(RegionDesc, String),
+    Fd(RegionDesc, io::Error),
     #[error("no region at {:#x} with size {:#x}", .0.guest_phys_addr, .0.memory_size)]
     NotFound(RegionDesc),
     #[error("[{gpa:#x}, +{len:#x}) is not entirely guest RAM")]
     OutsideRam { gpa: u64, len: u64 },
-    #[error("a region's file shrank below its mapping")]
-    Shrunk,
-    #[error("write failed: {0}")]
-    Write(String),
+    #[error("writing guest RAM at {gpa:#x} failed: {source}")]
+    Write { gpa: u64, source: io::Error },
 }
 
 impl MemoryError {
@@ -55,48 +64,85 @@ impl MemoryError {
         match self {
             MemoryError::Overlap(_) => libc::EEXIST,
             MemoryError::TooMany => libc::ENOSPC,
-            MemoryError::NotSealed(_) => libc::EPERM,
+            MemoryError::WriteSealed(_) | MemoryError::Filesystem(_) => libc::EPERM,
             MemoryError::NotFound(_) => libc::ENOENT,
-            MemoryError::Map(..) => libc::ENOMEM,
-            MemoryError::NotRegular(_) | MemoryError::Fd(..) => libc::EBADF,
+            MemoryError::NotUsable(..) | MemoryError::Fd(..) => libc::EBADF,
             _ => libc::EINVAL,
         }
     }
+
+    /// Whether a retry can succeed: the buffer is guest RAM, but its file could not take the
+    /// bytes now (no space on the tmpfs, no free huge page, a write seal added since). Such a
+    /// request is answered EAGAIN, never EIO, which would cost a Linux guest its VMPCK.
+    pub fn retryable(&self) -> bool {
+        matches!(self, MemoryError::Write { .. })
+    }
+}
+
+/// How a region's file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    /// tmpfs (every memfd without MFD_HUGETLB): pwrite.
+    Tmpfs,
+    /// hugetlbfs with pages of this many bytes: a mapping for the write, filled by the kernel.
+    HugeTlb { page: u64 },
 }
 
 #[derive(Debug)]
 struct Region {
     desc: RegionDesc,
-    file: Arc<File>,
-    sealed: bool,
+    file: File,
+    backing: Backing,
+}
+
+impl Region {
+    fn end(&self) -> u64 {
+        self.desc.guest_phys_addr + self.desc.memory_size
+    }
 }
 
 /// The guest RAM shared on one connection.
 #[derive(Debug, Default)]
 pub struct GuestRam {
+    /// In address order, never overlapping.
     regions: Vec<Region>,
-    mem: GuestMemoryMmap,
-    allow_unsealed: bool,
 }
 
-fn is_shrink_sealed(file: &File) -> bool {
-    // SAFETY: F_GET_SEALS takes no argument and only reads the fd's seal set.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+fn fcntl_get(file: &File, cmd: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFL and F_GET_SEALS take no argument and only read the descriptor's state.
+    let v = unsafe { libc::fcntl(file.as_raw_fd(), cmd) };
+    if v < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// The filesystem type and block size of the file (for hugetlbfs: its huge page size).
+fn filesystem(file: &File) -> io::Result<(libc::__fsword_t, u64)> {
+    // SAFETY: statfs is a plain C struct; all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is valid for writes for the call; the file keeps the descriptor open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field's type differs between architectures
+    Ok((st.f_type, st.f_bsize as u64))
 }
 
 impl GuestRam {
-    /// Empty RAM; `allow_unsealed` accepts files without F_SEAL_SHRINK.
-    pub fn new(allow_unsealed: bool) -> GuestRam {
-        GuestRam {
-            allow_unsealed,
-            ..GuestRam::default()
-        }
+    /// Empty RAM.
+    pub fn new() -> GuestRam {
+        GuestRam::default()
     }
 
-    /// Regions mapped, in address order.
+    /// Regions shared, in address order.
     pub fn regions(&self) -> impl Iterator<Item = &RegionDesc> {
         self.regions.iter().map(|r| &r.desc)
+    }
+
+    /// Whether any region is shared.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
     }
 
     fn check(
@@ -117,13 +163,11 @@ impl GuestRam {
         let (Some(end), Some(file_end)) = (end, file_end) else {
             return Err(MemoryError::Overflow(*desc));
         };
-        if usize::try_from(desc.memory_size).is_err() || i64::try_from(file_end).is_err() {
+        // pwrite and mmap take the offset as a signed 64-bit number.
+        if i64::try_from(file_end).is_err() {
             return Err(MemoryError::Overflow(*desc));
         }
-        let overlaps = |r: &Region| {
-            r.desc.guest_phys_addr < end
-                && desc.guest_phys_addr < r.desc.guest_phys_addr + r.desc.memory_size
-        };
+        let overlaps = |r: &Region| r.desc.guest_phys_addr < end && desc.guest_phys_addr < r.end();
         if self.regions.iter().chain(pending).any(overlaps) {
             return Err(MemoryError::Overlap(*desc));
         }
@@ -131,33 +175,36 @@ impl GuestRam {
             return Err(MemoryError::TooMany);
         }
         let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| MemoryError::Fd(*desc, e))?;
+        let fd_err = |e| MemoryError::Fd(*desc, e);
+        let meta = file.metadata().map_err(fd_err)?;
         if !meta.file_type().is_file() {
-            return Err(MemoryError::NotRegular(*desc));
+            return Err(MemoryError::NotUsable(*desc, "not a regular file"));
         }
+        if fcntl_get(&file, libc::F_GETFL).map_err(fd_err)? & libc::O_ACCMODE != libc::O_RDWR {
+            return Err(MemoryError::NotUsable(*desc, "not open read-write"));
+        }
+        let backing = match filesystem(&file).map_err(fd_err)? {
+            (libc::TMPFS_MAGIC, _) => Backing::Tmpfs,
+            (libc::HUGETLBFS_MAGIC, page) if page.is_power_of_two() => Backing::HugeTlb { page },
+            _ => return Err(MemoryError::Filesystem(*desc)),
+        };
         if meta.len() < file_end {
             return Err(MemoryError::FileTooSmall {
                 desc: *desc,
                 file_size: meta.len(),
             });
         }
-        let sealed = is_shrink_sealed(&file);
-        if !sealed && !self.allow_unsealed {
-            return Err(MemoryError::NotSealed(*desc));
+        // A courtesy: such a file can never be written. A seal added later makes the write
+        // fail instead (EAGAIN).
+        let seals = fcntl_get(&file, libc::F_GET_SEALS).map_err(fd_err)?;
+        if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+            return Err(MemoryError::WriteSealed(*desc));
         }
         Ok(Region {
             desc: *desc,
-            file: Arc::new(file),
-            sealed,
+            file,
+            backing,
         })
-    }
-
-    fn map(r: &Region) -> Result<GuestRegionMmap, MemoryError> {
-        let offset = FileOffset::from_arc(Arc::clone(&r.file), r.desc.mmap_offset);
-        let mmap = MmapRegion::from_file(offset, r.desc.memory_size as usize)
-            .map_err(|e| MemoryError::Map(r.desc, e.to_string()))?;
-        GuestRegionMmap::new(mmap, GuestAddress(r.desc.guest_phys_addr))
-            .ok_or(MemoryError::Overflow(r.desc))
     }
 
     /// SET_MEM_TABLE: replaces every region, or changes nothing if any region is refused.
@@ -166,31 +213,20 @@ impl GuestRam {
         descs: &[RegionDesc],
         fds: Vec<OwnedFd>,
     ) -> Result<(), MemoryError> {
-        let empty = GuestRam::new(self.allow_unsealed);
+        let empty = GuestRam::new();
         let mut pending = Vec::with_capacity(descs.len());
         for (desc, fd) in descs.iter().zip(fds) {
             let region = empty.check(desc, fd, &pending)?;
             pending.push(region);
         }
         pending.sort_by_key(|r| r.desc.guest_phys_addr);
-        let mut mem = GuestMemoryMmap::default();
-        for r in &pending {
-            mem = mem
-                .insert_region(Arc::new(GuestRam::map(r)?))
-                .map_err(|_| MemoryError::Overlap(r.desc))?;
-        }
         self.regions = pending;
-        self.mem = mem;
         Ok(())
     }
 
     /// ADD_MEM_REG.
     pub fn add(&mut self, desc: &RegionDesc, fd: OwnedFd) -> Result<(), MemoryError> {
         let region = self.check(desc, fd, &[])?;
-        self.mem = self
-            .mem
-            .insert_region(Arc::new(GuestRam::map(&region)?))
-            .map_err(|_| MemoryError::Overlap(*desc))?;
         let at = self
             .regions
             .partition_point(|r| r.desc.guest_phys_addr < desc.guest_phys_addr);
@@ -208,45 +244,258 @@ impl GuestRam {
                     && r.desc.memory_size == desc.memory_size
             })
             .ok_or(MemoryError::NotFound(*desc))?;
-        let (mem, _) = self
-            .mem
-            .remove_region(GuestAddress(desc.guest_phys_addr), desc.memory_size)
-            .map_err(|_| MemoryError::NotFound(*desc))?;
-        self.mem = mem;
         self.regions.remove(at);
         Ok(())
     }
 
+    /// The pieces of `[gpa, gpa + len)`: each region it crosses with the file offset and length
+    /// of its part, in address order; `None` unless the whole range is guest RAM.
+    fn pieces(&self, gpa: u64, len: u64) -> Option<Vec<(&Region, u64, u64)>> {
+        let end = gpa.checked_add(len)?;
+        let mut pieces = Vec::new();
+        let mut at = gpa;
+        let mut i = self.regions.partition_point(|r| r.end() <= gpa);
+        while at < end {
+            let r = self
+                .regions
+                .get(i)
+                .filter(|r| r.desc.guest_phys_addr <= at)?;
+            let n = r.end().min(end) - at;
+            pieces.push((r, r.desc.mmap_offset + (at - r.desc.guest_phys_addr), n));
+            at += n;
+            i += 1;
+        }
+        Some(pieces)
+    }
+
     /// Whether all of `[gpa, gpa + len)` is guest RAM.
     pub fn contains(&self, gpa: u64, len: u64) -> bool {
-        if gpa.checked_add(len).is_none() {
-            return false;
-        }
-        if len == 0 {
-            return true;
-        }
-        usize::try_from(len)
-            .is_ok_and(|len| GuestMemoryBackend::check_range(&self.mem, GuestAddress(gpa), len))
+        self.pieces(gpa, len).is_some()
     }
 
     /// Writes `data` at `gpa` after checking that the whole buffer `[gpa, gpa + buf_len)` is
-    /// guest RAM. Nothing is written when any check fails.
+    /// guest RAM; nothing is written when it is not. A write that fails part-way
+    /// ([`MemoryError::retryable`]) may have written a prefix of `data`.
     pub fn write(&self, gpa: u64, buf_len: u64, data: &[u8]) -> Result<(), MemoryError> {
-        if (data.len() as u64) > buf_len || !self.contains(gpa, buf_len) {
-            return Err(MemoryError::OutsideRam { gpa, len: buf_len });
+        let outside = MemoryError::OutsideRam { gpa, len: buf_len };
+        if data.len() as u64 > buf_len {
+            return Err(outside);
         }
-        let end = gpa + data.len() as u64;
-        for r in self.regions.iter().filter(|r| !r.sealed) {
-            let (start, size) = (r.desc.guest_phys_addr, r.desc.memory_size);
-            if start < end && gpa < start + size {
-                let len = r.file.metadata().map(|m| m.len()).unwrap_or(0);
-                if len < r.desc.mmap_offset + size {
-                    return Err(MemoryError::Shrunk);
-                }
+        let pieces = self.pieces(gpa, buf_len).ok_or(outside)?;
+        let mut rest = data;
+        let mut at = gpa;
+        for (region, offset, len) in pieces {
+            if rest.is_empty() {
+                break;
             }
+            let n = rest.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+            let (now, later) = rest.split_at(n);
+            let written = match region.backing {
+                Backing::Tmpfs => region.file.write_all_at(now, offset),
+                Backing::HugeTlb { page } => copy_into_hugetlb(&region.file, page, offset, now),
+            };
+            written.map_err(|source| MemoryError::Write { gpa: at, source })?;
+            rest = later;
+            at += n as u64;
         }
-        self.mem
-            .write_slice(data, GuestAddress(gpa))
-            .map_err(|e| MemoryError::Write(e.to_string()))
+        Ok(())
+    }
+}
+
+/// Unmaps a mapping when dropped.
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr` and `len` are exactly what mmap returned and took, and nothing refers
+        // to the mapping any more.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Writes `data` at `offset` of a hugetlbfs file (which has no write(2)) through a mapping
+/// that only the kernel touches: process_vm_readv copies from `data` into it on behalf of this
+/// very process, and a page the kernel cannot supply there is EFAULT, not SIGBUS.
+fn copy_into_hugetlb(file: &File, page: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+    let too_far = || io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let start = offset - offset % page;
+    let end = offset
+        .checked_add(data.len() as u64)
+        .and_then(|e| e.checked_next_multiple_of(page))
+        .ok_or_else(too_far)?;
+    let len = usize::try_from(end - start).map_err(|_| too_far())?;
+    let file_offset = libc::off_t::try_from(start).map_err(|_| too_far())?;
+    // SAFETY: a new shared mapping of the file, placed by the kernel where nothing else is;
+    // MAP_NORESERVE takes no huge pages from the pool for pages the file lacks (the copy
+    // below fails on those instead).
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            file_offset,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mapping = Mapping { addr, len };
+    let local = libc::iovec {
+        // `offset - start < len`, so this stays inside the mapping.
+        // SAFETY: an offset within the mapping just made.
+        iov_base: unsafe { mapping.addr.cast::<u8>().add((offset - start) as usize) }.cast(),
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: both iovecs describe memory of this process valid for the whole call: `local`
+    // the mapping (written by the kernel only), `remote` the slice (only read).
+    let copied = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    drop(mapping);
+    match copied {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n if n as usize == data.len() => Ok(()),
+        n => Err(io::Error::other(format!(
+            "{n} of {} bytes copied (a page of the file is missing)",
+            data.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(size: u64, flags: libc::c_uint) -> Option<File> {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), flags | libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a descriptor just created and owned by nobody else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(size).ok()?;
+        Some(file)
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> RegionDesc {
+        RegionDesc {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: 0,
+            mmap_offset: offset,
+        }
+    }
+
+    #[test]
+    fn a_write_spans_adjacent_regions_and_lands_at_their_offsets() {
+        let (a, b) = (memfd(0x4000, 0).expect("a"), memfd(0x4000, 0).expect("b"));
+        let mut ram = GuestRam::new();
+        ram.add(
+            &region(0x10000, 0x2000, 0x2000),
+            a.try_clone().expect("dup").into(),
+        )
+        .expect("a");
+        ram.add(
+            &region(0x12000, 0x2000, 0),
+            b.try_clone().expect("dup").into(),
+        )
+        .expect("b");
+        let data: Vec<u8> = (0..0x2000u32).map(|i| i as u8 | 1).collect();
+        ram.write(0x11000, 0x3000, &data).expect("write");
+        let mut got = vec![0u8; 0x1000];
+        a.read_exact_at(&mut got, 0x3000).expect("read a");
+        assert_eq!(got, data[..0x1000]);
+        b.read_exact_at(&mut got, 0).expect("read b");
+        assert_eq!(got, data[0x1000..]);
+        // A hole between regions, or past the end, is not RAM, and nothing is written.
+        assert!(ram.contains(0x10000, 0x4000));
+        assert!(!ram.contains(0x10000, 0x5000));
+        assert!(matches!(
+            ram.write(0x13000, 0x2000, &[7]),
+            Err(MemoryError::OutsideRam { .. })
+        ));
+        b.read_exact_at(&mut got, 0x1000).expect("read b");
+        assert!(got.iter().all(|x| *x == 0));
+    }
+
+    #[test]
+    fn only_writable_tmpfs_and_hugetlbfs_files_are_accepted() {
+        let mut ram = GuestRam::new();
+        let dev_null = File::open("/dev/null").expect("null");
+        let err = ram
+            .add(&region(0, 0x1000, 0), dev_null.into())
+            .expect_err("chr");
+        assert_eq!(err.errno(), libc::EBADF);
+        let f = memfd(0x1000, 0).expect("memfd");
+        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+        let ro = File::open(&path).expect("reopen read-only");
+        let err = ram
+            .add(&region(0, 0x1000, 0), ro.into())
+            .expect_err("read-only");
+        assert_eq!(err.errno(), libc::EBADF, "{err}");
+        // A file on the disk the tests run from (not tmpfs): refused, a write could block.
+        let disk = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).expect("tempfile");
+        disk.set_len(0x1000).expect("len");
+        if filesystem(&disk).expect("statfs").0 != libc::TMPFS_MAGIC {
+            let err = ram
+                .add(&region(0, 0x1000, 0), disk.into())
+                .expect_err("disk");
+            assert!(err.to_string().contains("not on tmpfs"), "{err}");
+        }
+        let sealed = memfd(0x1000, libc::MFD_ALLOW_SEALING).expect("memfd");
+        // SAFETY: F_ADD_SEALS with an int argument on a descriptor we own.
+        let rc = unsafe {
+            libc::fcntl(
+                sealed.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_FUTURE_WRITE,
+            )
+        };
+        assert_eq!(rc, 0);
+        let err = ram
+            .add(&region(0, 0x1000, 0), sealed.into())
+            .expect_err("sealed");
+        assert_eq!(err.errno(), libc::EPERM);
+        assert!(ram.is_empty());
+    }
+
+    #[test]
+    fn a_hugetlb_file_without_pages_fails_the_write_instead_of_faulting() {
+        // An MFD_HUGETLB memfd whose pages were never allocated: with an empty pool the kernel
+        // cannot supply them, and a store would be SIGBUS.
+        let Some(f) = memfd(2 << 20, libc::MFD_HUGETLB) else {
+            eprintln!("SKIPPED: no MFD_HUGETLB on this kernel");
+            return;
+        };
+        let free = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let mut ram = GuestRam::new();
+        ram.add(&region(0, 2 << 20, 0), f.try_clone().expect("dup").into())
+            .expect("a hugetlb region");
+        let result = ram.write(0x1000, 0x1000, b"table");
+        if free == 0 {
+            let err = result.expect_err("no huge page to write into");
+            assert!(err.retryable(), "{err}");
+        } else {
+            result.expect("a free huge page takes the write");
+            let mut got = [0u8; 5];
+            // hugetlbfs files can be read (just not written) with read(2).
+            f.read_exact_at(&mut got, 0x1000).expect("read back");
+            assert_eq!(&got, b"table");
+        }
     }
 }

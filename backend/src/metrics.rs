@@ -1,29 +1,38 @@
 //! Prometheus metrics: counters and histograms kept in atomics on the serving path, rendered in
-//! the Prometheus text exposition format (version 0.0.4) by a small HTTP endpoint on its own
-//! thread (`--metrics ADDR`, off by default).
+//! the Prometheus text exposition format (version 0.0.4) by a small HTTP endpoint
+//! (`--metrics ADDR`, off by default), which also answers `/healthz` and `/readyz`.
 //!
-//! Why not the `prometheus-client` crate: its histogram takes a lock on every observation and
-//! its labelled families look label sets up in a locked map. Our label sets are fixed and tiny
-//! (two ABIs x four `ret` values), so fixed arrays of atomics give the same output with nothing
-//! but relaxed atomic adds on the request path, and no extra dependency in a sandboxed binary.
-//! The end-to-end test parses the output with an independent parser (`prometheus-parse`).
+//! `prometheus-client` provides the registry and the text encoding; the values come from
+//! fixed arrays of atomics, so that the request path costs relaxed atomic adds and nothing
+//! else (the crate's own histogram takes a lock per observation, its labelled families a map
+//! lookup per increment). The end-to-end test parses the output with an independent parser
+//! (`prometheus-parse`).
 //!
-//! docs/hardening.md ("Metrics") lists every metric and what to alert on.
+//! docs/metrics.md lists every metric and what to alert on.
 
-use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use coco_protocol::exit::{self, Abi, CertsRet};
 use coco_protocol::wire::ExitMsg;
 use log::{debug, info, warn};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use thiserror::Error;
 
 use crate::blob::BlobStore;
+use crate::config::MissingCerts;
+use crate::health;
 
 /// Why the metrics endpoint could not start.
 #[derive(Debug, Error)]
@@ -151,6 +160,8 @@ pub struct Metrics {
     accepted: AtomicU64,
     refused: AtomicU64,
     dropped: AtomicU64,
+    /// Whether the accept loop runs (`/healthz`).
+    serving: AtomicBool,
 }
 
 impl Metrics {
@@ -223,119 +234,179 @@ impl Metrics {
         }
     }
 
+    /// The accept loop started (true) or stopped (false).
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Whether the accept loop runs.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+
     /// A connection was accepted and closed at once (a limit or a policy refused it).
     pub fn connection_refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Renders every metric, with the blob store's counters, in the text format.
-    pub fn render(&self, store: &BlobStore) -> String {
-        let mut w = Writer::default();
-        w.family(
+    /// Renders every metric, with the blob store's counters, in the Prometheus text format
+    /// (version 0.0.4), encoded by `prometheus-client`.
+    pub fn render(self: &Arc<Self>, store: &Arc<BlobStore>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exposition {
+            metrics: Arc::clone(self),
+            store: Arc::clone(store),
+        }));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The metrics as `prometheus-client` collects them at a scrape: read from the atomics the
+/// serving path updates.
+#[derive(Debug)]
+struct Exposition {
+    metrics: Arc<Metrics>,
+    store: Arc<BlobStore>,
+}
+
+/// A histogram family: per-bucket counts by upper bound in seconds (the encoder makes them
+/// cumulative and ends with `+Inf`), the sum in seconds and the count.
+fn encode_histogram(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    h: &Histogram,
+) -> std::fmt::Result {
+    let s = h.snapshot();
+    let mut below = 0;
+    let buckets: Vec<(f64, u64)> = s
+        .cumulative
+        .iter()
+        .map(|(bound, n)| {
+            let bound = if *bound == u64::MAX {
+                f64::INFINITY
+            } else {
+                *bound as f64 / 1e9
+            };
+            let in_bucket = n - below;
+            below = *n;
+            (bound, in_bucket)
+        })
+        .collect();
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(s.sum_ns as f64 / 1e9, s.count(), &buckets, None)
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let m = &self.metrics;
+        // Counters are named without `_total`, which the encoder appends.
+        let build = [("version", env!("CARGO_PKG_VERSION"))];
+        let mut family = encoder.encode_descriptor(
             "coco_sidecar_build_info",
-            "gauge",
             "Always 1; the version label says which coco-sidecar runs.",
-        );
-        w.sample(
-            "coco_sidecar_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-            1,
-        );
-        w.family(
-            "coco_sidecar_requests_total",
-            "counter",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1i64).encode(family.encode_family(&build)?)?;
+        let mut family = encoder.encode_descriptor(
+            "coco_sidecar_requests",
             "Certificate requests answered, by exit record ABI and ret value \
              (ok=0, eagain=11, enospc=28, eio=5).",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (a, abi) in Abi::ALL.iter().enumerate() {
             for (r, ret) in RETS.iter().enumerate() {
-                w.sample(
-                    "coco_sidecar_requests_total",
-                    &[("abi", abi_label(*abi)), ("ret", ret_label(*ret))],
-                    self.requests[a][r].load(Ordering::Relaxed),
-                );
+                let labels = [("abi", abi_label(*abi)), ("ret", ret_label(*ret))];
+                let n = m.requests[a][r].load(Ordering::Relaxed);
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
-        w.family(
-            "coco_sidecar_exits_unanswered_total",
-            "counter",
+        let mut family = encoder.encode_descriptor(
+            "coco_sidecar_exits_unanswered",
             "COCO_EXIT records returned unanswered: enotsup (unknown ABI or COCO sub-type), \
              einval (wrong record size). Non-zero means a frontend bug.",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (i, (_, label)) in UNANSWERED.iter().enumerate() {
-            w.sample(
-                "coco_sidecar_exits_unanswered_total",
-                &[("status", label)],
-                self.unanswered[i].load(Ordering::Relaxed),
-            );
+            let n = m.unanswered[i].load(Ordering::Relaxed);
+            ConstCounter::new(n).encode(family.encode_family(&[("status", *label)])?)?;
         }
-        w.histogram(
+        encode_histogram(
+            &mut encoder,
             "coco_sidecar_request_duration_seconds",
             "Time to answer one COCO_EXIT (lock wait, blob read, guest write), socket I/O \
              excluded.",
-            &self.request_duration.snapshot(),
-        );
-        w.histogram(
+            &m.request_duration,
+        )?;
+        encode_histogram(
+            &mut encoder,
             "coco_sidecar_blob_lock_wait_seconds",
             "Time spent taking the shared OFD lock on the blob, per request; a wait that \
              reaches --lock-wait-ms is answered EAGAIN.",
-            &store.lock_wait().snapshot(),
-        );
-        let stats = store.stats();
+            self.store.lock_wait(),
+        )?;
+        let stats = self.store.stats();
         let counters = [
             (
-                "coco_sidecar_blob_reloads_total",
+                "coco_sidecar_blob_reloads",
                 "Times the blob's bytes were read and validated (a new version, or one too \
                  fresh to cache).",
                 stats.reloads,
             ),
             (
-                "coco_sidecar_blob_invalid_total",
+                "coco_sidecar_blob_invalid",
                 "Times a read version of the blob failed validation (answered EAGAIN).",
                 stats.invalid,
             ),
             (
-                "coco_sidecar_blob_path_checks_total",
+                "coco_sidecar_blob_path_checks",
                 "Requests that looked at the blob path with stat: the inotify watch reported a \
                  change, the once-a-second re-check, or the path is not watched.",
                 stats.path_checks,
             ),
             (
-                "coco_sidecar_lease_timeouts_total",
+                "coco_sidecar_lease_timeouts",
                 "Leases dropped by --lease-timeout-ms because no COCO_DONE came.",
-                self.lease_timeouts.load(Ordering::Relaxed),
+                m.lease_timeouts.load(Ordering::Relaxed),
             ),
             (
-                "coco_sidecar_connections_accepted_total",
+                "coco_sidecar_connections_accepted",
                 "Frontend connections accepted and served.",
-                self.accepted.load(Ordering::Relaxed),
+                m.accepted.load(Ordering::Relaxed),
             ),
             (
-                "coco_sidecar_connections_refused_total",
-                "Frontend connections closed at once (--max-connections or peer policy).",
-                self.refused.load(Ordering::Relaxed),
+                "coco_sidecar_connections_refused",
+                "Frontend connections closed at once by the peer policy (--allow-uid).",
+                m.refused.load(Ordering::Relaxed),
             ),
             (
-                "coco_sidecar_connections_dropped_total",
-                "Served connections the sidecar closed (protocol error, I/O timeout, socket \
-                 error).",
-                self.dropped.load(Ordering::Relaxed),
+                "coco_sidecar_connections_dropped",
+                "Served connections the sidecar closed (protocol error, I/O or handshake \
+                 timeout, socket error, or to make room for a new connection).",
+                m.dropped.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {
-            w.family(name, "counter", help);
-            w.sample(name, &[], value);
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(e)?;
         }
-        for (name, help, value) in [
+        let gauges = [
             (
                 "coco_sidecar_leases_held",
                 "Shared blob locks held for requests on their way to firmware, all connections.",
-                self.leases_held(),
+                m.leases_held(),
             ),
             (
                 "coco_sidecar_connections",
                 "Frontend connections being served now.",
-                self.connections.load(Ordering::Relaxed),
+                m.connections.load(Ordering::Relaxed),
             ),
             (
                 "coco_sidecar_blob_watched",
@@ -343,65 +414,40 @@ impl Metrics {
                  before the first request and where it cannot be watched.",
                 i64::from(stats.watched),
             ),
-        ] {
-            w.family(name, "gauge", help);
-            let _ = writeln!(w.out, "{name} {value}");
+        ];
+        for (name, help, value) in gauges {
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(e)?;
         }
-        w.out
+        Ok(())
     }
-}
-
-/// Builds the text exposition.
-#[derive(Debug, Default)]
-struct Writer {
-    out: String,
-}
-
-impl Writer {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-            let _ = write!(self.out, "{{{}}}", inner.join(","));
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, h: &HistogramSnapshot) {
-        self.family(name, "histogram", help);
-        for (bound, count) in &h.cumulative {
-            let le = if *bound == u64::MAX {
-                "+Inf".to_owned()
-            } else {
-                seconds(*bound)
-            };
-            let _ = writeln!(self.out, "{name}_bucket{{le=\"{le}\"}} {count}");
-        }
-        let _ = writeln!(self.out, "{name}_sum {}", seconds(h.sum_ns));
-        let _ = writeln!(self.out, "{name}_count {}", h.count());
-    }
-}
-
-/// Nanoseconds as decimal seconds, exactly (no float rounding): 25000 -> "0.000025".
-fn seconds(ns: u64) -> String {
-    let (s, frac) = (ns / 1_000_000_000, ns % 1_000_000_000);
-    if frac == 0 {
-        return format!("{s}");
-    }
-    let digits = format!("{frac:09}");
-    format!("{s}.{}", digits.trim_end_matches('0'))
 }
 
 /// Longest request head the endpoint reads; scrapers send a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8192;
-/// A scraper gets this long to send its request and to read the answer.
-const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// A scraper gets this long to send its request, and again to read the answer.
+const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Scrapes served at once, each on a thread of its own. With all of them busy (peers that
+/// connect and send nothing), the next waits in the listen queue for the first to time out.
+const MAX_SCRAPES: usize = 16;
+
+/// What `/readyz` checks: the blob, as `serve` would serve it (health::blob_ready).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// The blob's path.
+    pub certs: PathBuf,
+    /// The sidecar's `--lock-wait-ms`.
+    pub lock_wait: Duration,
+    /// The sidecar's `--missing-certs`.
+    pub missing: MissingCerts,
+}
 
 /// The `/metrics` endpoint: bound by [`Exporter::bind`], serving after [`Exporter::serve`].
+///
+/// Hand-written rather than a crate's: `tiny_http` (0.12) sets no read timeout and starts a
+/// thread per connection without a bound, so silent peers would hold threads for ever, and
+/// `hyper` needs an async runtime whose epoll and eventfd calls the seccomp filter would have
+/// to allow. A GET of one path needs a request line, a timeout and a bound on threads.
 #[derive(Debug)]
 pub struct Exporter {
     listener: TcpListener,
@@ -427,24 +473,55 @@ impl Exporter {
         self.addr
     }
 
-    /// Serves `GET /metrics` on a thread of its own, one scrape at a time, for as long as the
-    /// process runs.
-    pub fn serve(self, metrics: Arc<Metrics>, store: Arc<BlobStore>) -> Result<(), MetricsError> {
+    /// Serves `GET /metrics`, `/healthz` and `/readyz` for as long as the process runs: each
+    /// scrape on a thread of its own, at most [`MAX_SCRAPES`] at once, each bounded by
+    /// [`SCRAPE_IO_TIMEOUT`] for its request and again for its answer.
+    pub fn serve(
+        self,
+        metrics: Arc<Metrics>,
+        store: Arc<BlobStore>,
+        readiness: Readiness,
+    ) -> Result<(), MetricsError> {
         let Exporter { listener, addr } = self;
+        let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let readiness = Arc::new(readiness);
         thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
                 for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => {
-                            if let Err(e) = scrape(s, &metrics, &store) {
-                                debug!("metrics: scrape failed: {e}");
-                            }
-                        }
+                    let s = match stream {
+                        Ok(s) => s,
                         Err(e) => {
                             warn!("metrics: accept failed: {e}");
                             thread::sleep(Duration::from_millis(100));
+                            continue;
                         }
+                    };
+                    {
+                        let (count, freed) = &*busy;
+                        let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+                        while *n >= MAX_SCRAPES {
+                            n = freed.wait(n).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        *n += 1;
+                    }
+                    let (metrics, store, readiness, done) = (
+                        Arc::clone(&metrics),
+                        Arc::clone(&store),
+                        Arc::clone(&readiness),
+                        Arc::clone(&busy),
+                    );
+                    let spawned = thread::Builder::new().name("scrape".into()).spawn(move || {
+                        if let Err(e) = scrape(s, &metrics, &store, &readiness) {
+                            debug!("metrics: scrape failed: {e}");
+                        }
+                        let (count, freed) = &*done;
+                        *count.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                        freed.notify_one();
+                    });
+                    if let Err(e) = spawned {
+                        warn!("metrics: cannot start a scrape thread: {e}");
+                        *busy.0.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
                     }
                 }
             })
@@ -454,50 +531,90 @@ impl Exporter {
     }
 }
 
-/// Reads the request head (bounded in size and time) and answers it.
-fn scrape(mut s: TcpStream, metrics: &Metrics, store: &BlobStore) -> io::Result<()> {
-    s.set_read_timeout(Some(SCRAPE_IO_TIMEOUT))?;
+/// Header fields a request may have; scrapers send a handful.
+const MAX_HEADERS: usize = 32;
+
+/// Reads the request head (bounded in size and time), parses it with `httparse` and answers.
+fn scrape(
+    mut s: TcpStream,
+    metrics: &Arc<Metrics>,
+    store: &Arc<BlobStore>,
+    readiness: &Readiness,
+) -> io::Result<()> {
     s.set_write_timeout(Some(SCRAPE_IO_TIMEOUT))?;
     let deadline = Instant::now() + SCRAPE_IO_TIMEOUT;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST_HEAD || Instant::now() > deadline {
+    let (method, path) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = request.method.unwrap_or_default().to_owned();
+                let target = request.path.unwrap_or_default();
+                let path = target.split('?').next().unwrap_or_default().to_owned();
+                break (method, path);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return respond(&mut s, "400 Bad Request", "", false),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if head.len() > MAX_REQUEST_HEAD || left.is_zero() {
             return respond(&mut s, "431 Request Header Fields Too Large", "", false);
         }
+        // A peer sending a byte now and then gets the time that is left, not a fresh timeout.
+        s.set_read_timeout(Some(left))?;
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => head.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    };
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut s, "405 Method Not Allowed", "", false);
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (b"GET" | b"HEAD", b"/metrics") => {
-            let body = metrics.render(store);
-            respond(&mut s, "200 OK", &body, method == b"HEAD")
+    match path.as_str() {
+        "/metrics" => respond(&mut s, "200 OK", &metrics.render(store), head_only),
+        "/healthz" if metrics.serving() => respond(&mut s, "200 OK", "serving\n", head_only),
+        "/healthz" => respond(
+            &mut s,
+            "503 Service Unavailable",
+            "not serving\n",
+            head_only,
+        ),
+        "/readyz" => {
+            match health::blob_ready(&readiness.certs, readiness.lock_wait, readiness.missing) {
+                Ok(state) => respond(&mut s, "200 OK", &format!("ready: {state}\n"), head_only),
+                Err(e) => respond(
+                    &mut s,
+                    "503 Service Unavailable",
+                    &format!("not ready: {e}\n"),
+                    head_only,
+                ),
+            }
         }
-        (b"GET" | b"HEAD", _) => respond(&mut s, "404 Not Found", "try /metrics\n", false),
-        _ => respond(&mut s, "405 Method Not Allowed", "", false),
+        _ => respond(
+            &mut s,
+            "404 Not Found",
+            "try /metrics, /healthz or /readyz\n",
+            false,
+        ),
     }
 }
 
 fn respond(s: &mut TcpStream, status: &str, body: &str, head_only: bool) -> io::Result<()> {
     let mut reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        prometheus_text::CONTENT_TYPE,
         body.len()
     );
     if !head_only {
         reply.push_str(body);
     }
+    s.set_read_timeout(Some(SCRAPE_IO_TIMEOUT))?;
     s.write_all(reply.as_bytes())?;
     s.flush()?;
     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -523,14 +640,6 @@ mod tests {
         assert_eq!(s.cumulative[BOUNDS_NS.len()], (u64::MAX, 3));
         assert_eq!(s.count(), 3);
         assert_eq!(s.sum_ns, 25_000 + 25_001 + 5_000_000_000);
-    }
-
-    #[test]
-    fn seconds_are_exact_decimals() {
-        assert_eq!(seconds(0), "0");
-        assert_eq!(seconds(25_000), "0.000025");
-        assert_eq!(seconds(1_000_000_000), "1");
-        assert_eq!(seconds(1_500_000_001), "1.500000001");
     }
 
     #[test]

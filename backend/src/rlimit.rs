@@ -1,19 +1,23 @@
 //! The descriptor budget. Everything a peer can make the sidecar hold open is bounded
-//! (docs/hardening.md, "Resource limits"), so the worst case is known: per connection its
-//! socket and the accept loop's clone of it, one descriptor per memory region, one open blob
-//! file per lease, the descriptors of the message being read, and the blob file a request is
-//! opening. `serve` raises the soft RLIMIT_NOFILE to the hard limit and warns when even that
-//! is below the worst case: a peer holding all it may would then make others' requests
-//! answer EAGAIN (never EIO) and new connections wait in the listen queue.
+//! (docs/hardening.md, "Resource limits"), so the worst case is known: per connection that may
+//! hold memory its socket and the server's clone of it, one descriptor per memory region and
+//! the descriptors of the message being read; per spare slot (no memory) the same without
+//! regions; and the blob's open file, which all leases share. `serve` raises the soft
+//! RLIMIT_NOFILE to the hard limit and warns when even that is below the worst case: a peer
+//! holding all it may would then make others' requests answer EAGAIN (never EIO) and new
+//! connections wait in the listen queue.
 
 use std::io;
 
 use coco_protocol::wire::{MAX_FDS, MAX_MEM_SLOTS};
+
+use crate::slots::SPARE_SLOTS;
 use thiserror::Error;
 
-/// Descriptors the process holds whatever its peers do (stdio, listener, shutdown pair,
-/// signal pipe, metrics listener and scrape, logging), with room to spare.
-const BASELINE_FDS: u64 = 32;
+/// Descriptors the process holds whatever its VMM peers do (stdio, listener, shutdown and
+/// signal pairs, the blob's file and watch, the metrics listener and its at most 16 scrapes,
+/// each `/readyz` with a blob file and a watch of its own), with room to spare.
+const BASELINE_FDS: u64 = 64;
 
 /// Why the limit could not be read or raised.
 #[derive(Debug, Error)]
@@ -24,11 +28,15 @@ pub enum RlimitError {
     Set { want: u64, source: io::Error },
 }
 
-/// The most descriptors `max_connections` peers with `max_leases` each can make us hold.
-pub fn fd_budget(max_connections: usize, max_leases: usize) -> u64 {
-    let per_connection = (max_leases as u64).saturating_add(2 + MAX_MEM_SLOTS + MAX_FDS as u64 + 1);
+/// The most descriptors peers can make us hold with `max_connections` (connections that may
+/// hold memory). Leases share the blob's one open file, so `max_leases` adds nothing (only a
+/// blob renamed over while leases on it live keeps its old file open until they end).
+pub fn fd_budget(max_connections: usize, _max_leases: usize) -> u64 {
+    let spare = 2 + MAX_FDS as u64;
+    let per_connection = spare + MAX_MEM_SLOTS;
     (max_connections as u64)
         .saturating_mul(per_connection)
+        .saturating_add(SPARE_SLOTS as u64 * spare)
         .saturating_add(BASELINE_FDS)
 }
 
@@ -83,8 +91,8 @@ mod tests {
 
     #[test]
     fn the_default_worst_case_is_counted_per_connection() {
-        // 16 connections x (2 + 32 regions + 64 leases + 8 in flight + 1 opening) + 32.
-        assert_eq!(fd_budget(16, 64), 16 * 107 + 32);
+        // 16 connections x (2 + 32 regions + 8 in flight) + 4 spare x (2 + 8) + 64.
+        assert_eq!(fd_budget(16, 64), 16 * 42 + 4 * 10 + 64);
         assert_eq!(fd_budget(usize::MAX, usize::MAX), u64::MAX);
     }
 }

@@ -8,8 +8,9 @@
 //! (none in `serve` today) get it too; threads spawned later inherit it.
 //!
 //! `COCO_SIDECAR_SECCOMP_SELFTEST=1` makes the sidecar try `socket(AF_INET)` right after the
-//! installation: the process must die with SIGSYS. The tests use it; it can only make the
-//! process stop, never widen what it may do.
+//! installation: the process must die with SIGSYS; `=sigsegv` and `=sigbus` make it fault on
+//! purpose: it must die with that signal, not with SIGSYS. The tests use it; it can only make
+//! the process stop, never widen what it may do.
 
 use std::collections::BTreeMap;
 
@@ -71,6 +72,8 @@ const UNCONDITIONAL: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_pread64,
     libc::SYS_write,
+    // Writing the table into a tmpfs region's file (memory.rs).
+    libc::SYS_pwrite64,
     libc::SYS_writev,
     libc::SYS_lseek,
     libc::SYS_close,
@@ -85,6 +88,8 @@ const UNCONDITIONAL: &[libc::c_long] = &[
     libc::SYS_readlinkat,
     libc::SYS_getcwd,
     libc::SYS_statfs,
+    // Which filesystem a region's file is on (tmpfs, hugetlbfs).
+    libc::SYS_fstatfs,
     // Memory: the allocator, guest RAM mappings (executable ones are refused below).
     libc::SYS_brk,
     libc::SYS_munmap,
@@ -167,14 +172,23 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
             thread,
         )?])?],
     );
-    // glibc's own handlers (SIGCANCEL, SIGSETXID), installed when the first thread starts.
-    rules.insert(libc::SYS_rt_sigaction, one_of(0, &[32, 33])?);
+    // glibc's own handlers (SIGCANCEL, SIGSETXID), installed when the first thread starts;
+    // and SIGSEGV, SIGBUS: std's stack-overflow handler, on a fault that is not a stack
+    // overflow, restores the default action and returns, so that the fault kills the process
+    // as itself (without this, the filter would kill it with SIGSYS for that rt_sigaction).
+    rules.insert(
+        libc::SYS_rt_sigaction,
+        one_of(0, &[32, 33, libc::SIGSEGV as u64, libc::SIGBUS as u64])?,
+    );
     // Thread names (std names each connection thread).
     rules.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
     // abort() signals only its own process.
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u64;
     rules.insert(libc::SYS_tgkill, one_of(0, &[pid])?);
+    // Filling a hugetlbfs region's pages through a mapping with a copy the kernel makes, which
+    // fails with EFAULT where a store would be SIGBUS (memory.rs): only within this process.
+    rules.insert(libc::SYS_process_vm_readv, one_of(0, &[pid])?);
     Ok(rules)
 }
 
@@ -206,17 +220,62 @@ pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
         "seccomp filter installed ({} instructions); a forbidden system call kills the process",
         program.len()
     );
-    if std::env::var_os(SELFTEST_ENV).is_some_and(|v| v == "1") {
-        log::warn!("{SELFTEST_ENV}=1: calling socket(AF_INET), which must kill the process");
-        // SAFETY: socket(2) takes no pointers; a descriptor it might return is closed below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        if fd >= 0 {
-            // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-            unsafe { libc::close(fd) };
+    match std::env::var(SELFTEST_ENV).as_deref() {
+        Ok("1") => {
+            log::warn!("{SELFTEST_ENV}=1: calling socket(AF_INET), which must kill the process");
+            // SAFETY: socket(2) takes no pointers; a descriptor it might return is closed.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 {
+                // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+                unsafe { libc::close(fd) };
+            }
+            Err(SeccompError::SelfTestSurvived)
         }
-        return Err(SeccompError::SelfTestSurvived);
+        Ok(fault @ ("sigsegv" | "sigbus")) => {
+            log::warn!(
+                "{SELFTEST_ENV}={fault}: faulting on purpose, which must kill the process with {}",
+                fault.to_uppercase()
+            );
+            fault_on_purpose(fault == "sigbus");
+            Err(SeccompError::SelfTestSurvived)
+        }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Reads a page that the kernel answers with SIGSEGV (a PROT_NONE page) or SIGBUS (a page of
+/// a file mapping past the file's end), so that a test can see such a fault end the process
+/// as itself under the filter.
+fn fault_on_purpose(bus: bool) {
+    let page = 4096usize;
+    let (prot, flags, fd, offset) = if bus {
+        let Ok(exe) = std::fs::File::open("/proc/self/exe") else {
+            return;
+        };
+        let len = exe.metadata().map_or(0, |m| m.len());
+        let past_end = (len / page as u64 + 2) * page as u64;
+        let Ok(offset) = libc::off_t::try_from(past_end) else {
+            return;
+        };
+        // The mapping keeps the file open on its own.
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(exe);
+        (libc::PROT_READ, libc::MAP_PRIVATE, fd, offset)
+    } else {
+        (
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    // SAFETY: a new mapping placed by the kernel where nothing else is.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), page, prot, flags, fd, offset) };
+    if addr == libc::MAP_FAILED {
+        return;
+    }
+    // SAFETY: the address is mapped (by us, just above); reading it faults on purpose, and
+    // the fault ends the process, which is the point.
+    let _ = unsafe { std::ptr::read_volatile(addr.cast::<u8>()) };
 }
 
 #[cfg(test)]

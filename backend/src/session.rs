@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::lease::Leases;
 use crate::memory::GuestRam;
 use crate::metrics::Metrics;
+use crate::slots::{Progress, Slot};
 
 /// What the transport does after a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,6 +45,9 @@ pub struct Session {
     metrics: Arc<Metrics>,
     /// Leases last added to the `leases_held` gauge.
     leases_reported: usize,
+    /// The server's slot for this connection (none when driven on its own: tests, fuzzing).
+    /// Last, so that memory and leases are gone when the slot is freed.
+    slot: Option<Slot>,
 }
 
 impl Session {
@@ -52,7 +56,7 @@ impl Session {
         Session {
             id,
             store,
-            ram: GuestRam::new(config.allow_unsealed_memory),
+            ram: GuestRam::new(),
             leases: Leases::new(config.max_leases, config.lease_timeout),
             lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
             lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
@@ -60,6 +64,53 @@ impl Session {
             protocol_features: None,
             metrics: Arc::new(Metrics::new()),
             leases_reported: 0,
+            slot: None,
+        }
+    }
+
+    /// Takes part in the server's connection slots: holding memory or leases needs a pin.
+    pub fn with_slot(mut self, slot: Slot) -> Session {
+        self.slot = Some(slot);
+        self
+    }
+
+    /// The connection's slot, if it has one.
+    pub fn slot(&self) -> Option<&Slot> {
+        self.slot.as_ref()
+    }
+
+    /// Whether the handshake is done (SET_PROTOCOL_FEATURES accepted).
+    pub fn negotiated(&self) -> bool {
+        self.protocol_features.is_some()
+    }
+
+    /// Before memory is added: a pin on the connection's slot. False when `--max-connections`
+    /// other connections hold memory or leases.
+    fn pin(&self) -> bool {
+        self.slot.as_ref().is_none_or(Slot::pin)
+    }
+
+    /// Whether the connection holds guest memory or leases (then its slot is pinned).
+    fn holds(&self) -> bool {
+        !self.ram.is_empty() || !self.leases.is_empty()
+    }
+
+    /// Gives the pin back once neither memory nor leases are held.
+    fn unpin_if_idle(&self) {
+        if let Some(slot) = self.slot.as_ref().filter(|_| !self.holds()) {
+            slot.unpin();
+        }
+    }
+
+    /// After a message, for a connection holding neither memory nor leases: the pin back, and
+    /// how far it has come (a pinned connection never gives way, so its path takes no lock).
+    fn settle(&self) {
+        if let Some(slot) = self.slot.as_ref().filter(|_| !self.holds()) {
+            slot.settle(if self.negotiated() {
+                Progress::Negotiated
+            } else {
+                Progress::Talking
+            });
         }
     }
 
@@ -92,6 +143,7 @@ impl Session {
         if !expired.is_empty() {
             self.metrics.lease_timeouts(expired.len());
             self.report_leases();
+            self.unpin_if_idle();
         }
     }
 
@@ -132,6 +184,12 @@ impl Session {
 
     /// Handles one received message.
     pub fn handle(&mut self, header: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Outcome {
+        let outcome = self.dispatch(header, payload, fds);
+        self.settle();
+        outcome
+    }
+
+    fn dispatch(&mut self, header: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Outcome {
         let msg = match FrontendRequest::decode(header, payload, fds.len()) {
             Ok(m) => m,
             Err(e) => return Outcome::Close(e.to_string()),
@@ -153,6 +211,15 @@ impl Session {
                     "{request:?} before the {name} protocol feature was negotiated"
                 ));
             }
+        }
+        let adds_memory = matches!(request, Request::SetMemTable | Request::AddMemReg);
+        if adds_memory && !self.pin() {
+            return self.refuse(
+                header,
+                request,
+                libc::EBUSY,
+                "--max-connections other connections hold guest memory or leases".into(),
+            );
         }
         match msg {
             FrontendRequest::GetFeatures => Self::u64_reply(request, F_PROTOCOL_FEATURES),

@@ -83,6 +83,16 @@ impl Sidecar {
         Sidecar::start_in(dir, certs, extra)
     }
 
+    /// Like [`Sidecar::start`], logging at `level` (RUST_LOG) instead of debug.
+    pub fn start_logging(certs: &Path, extra: &[&str], level: &str) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sidecar.sock");
+        let log = dir.path().join("sidecar.log");
+        let mut cmd = serve_command(&socket, certs, extra, &log);
+        cmd.env("RUST_LOG", level);
+        Sidecar::launch(dir, socket, certs, cmd, log)
+    }
+
     /// Like [`Sidecar::start`], in a given directory.
     pub fn start_in(dir: tempfile::TempDir, certs: &Path, extra: &[&str]) -> Sidecar {
         let socket = dir.path().join("sidecar.sock");
@@ -121,10 +131,10 @@ impl Sidecar {
         mut cmd: Command,
         log: PathBuf,
     ) -> Sidecar {
-        let child = cmd
-            .env("RUST_LOG", "debug")
-            .spawn()
-            .expect("spawn coco-sidecar");
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
+        let child = cmd.spawn().expect("spawn coco-sidecar");
         let mut s = Sidecar {
             child: Some(child),
             socket,
@@ -278,6 +288,21 @@ impl GuestMem {
             .write_all_at(data, at)
             .expect("write memfd");
     }
+}
+
+/// Runs `coco-sidecar health --socket SOCKET` as `uid` (the caller must be root), for a peer
+/// that `--allow-uid` refuses; its exit status.
+pub fn health_as_uid(socket: &Path, uid: u32) -> ExitStatus {
+    std::os::unix::process::CommandExt::uid(
+        Command::new(sidecar_bin())
+            .args(["health", "--timeout-ms", "100", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        uid,
+    )
+    .status()
+    .expect("run health as another uid")
 }
 
 /// Another process holding an OFD lock until dropped.

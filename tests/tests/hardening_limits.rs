@@ -239,45 +239,111 @@ fn sixty_four_leases_are_granted_and_the_65th_gets_eagain() {
     }
 }
 
+/// Whether the sidecar closed `s`: end of stream (or a reset) within `within`.
+fn closed_within(s: &std::os::unix::net::UnixStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).expect("timeout");
+    match transport::drain(s) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
 #[test]
-fn sixteen_connections_are_served_and_the_17th_is_refused_and_logged() {
+fn sixteen_vmms_hold_memory_the_17th_gets_ebusy_and_newcomers_displace_idle_peers() {
     let (_dir, _table, sidecar) = blob_sidecar(&[]);
+    let mem = GuestMem::new(16 * PAGE, CANARY);
     // Let the harness's readiness probe finish, so that it does not hold a slot.
     std::thread::sleep(Duration::from_millis(200));
     let mut vmms: Vec<Frontend> = (0..16).map(|_| sidecar.connect()).collect();
-    for v in &mut vmms {
-        assert_eq!(v.caps().expect("served").abis, 0x6);
+    for (i, v) in vmms.iter_mut().enumerate() {
+        v.add_mem_region(&page_region(&mem, i as u64))
+            .unwrap_or_else(|e| panic!("vmm {i}: {e}"));
     }
-    let extra = sidecar.raw();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    // A 17th connects and negotiates (a spare slot), but may not hold memory.
+    let mut extra = sidecar.connect();
+    assert_eq!(extra.caps().expect("served").abis, 0x6);
     assert_eq!(
-        transport::drain(&extra).expect("closed at once"),
-        0,
-        "the 17th gets no byte"
+        errno(extra.add_mem_region(&page_region(&mem, 0))),
+        libc::EBUSY,
+        "a 17th connection with memory"
     );
-    let log = sidecar.log();
-    assert!(
-        log.contains("refused: already 16 connections (--max-connections)"),
-        "{log}"
-    );
-    // The 16 are unaffected.
-    for v in &mut vmms {
-        assert_eq!(v.caps().expect("still served").abis, 0x6);
+    // Three more spare slots, taken by peers that never send a byte; then four newcomers:
+    // each takes the slot of the idlest of those that said nothing (the oldest silent peer
+    // first), never a VMM's, nor the negotiated 17th.
+    let silent: Vec<_> = (0..3).map(|_| sidecar.raw()).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let newcomers: Vec<_> = (0..3).map(|_| sidecar.raw()).collect();
+    for (i, s) in silent.iter().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(10)),
+            "silent peer {i} made room"
+        );
     }
-    // One leaves, and a new one gets its slot (once its thread has ended).
+    let log = sidecar.log();
+    assert!(log.contains("closed to make room for connection"), "{log}");
+    for v in &mut vmms {
+        assert_eq!(v.caps().expect("VMMs are never displaced").abis, 0x6);
+    }
+    assert_eq!(extra.caps().expect("still served").abis, 0x6);
+    drop(newcomers);
+    // A VMM leaves: its slot is free at once, and the 17th may now hold memory.
     vmms.pop();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut v) = Frontend::connect(&sidecar.socket) {
-            if v.caps().is_ok() {
+        match extra.add_mem_region(&page_region(&mem, 15)) {
+            Ok(()) => break,
+            Err(FrontendError::Rejected { errno, .. }) if errno as i32 == libc::EBUSY => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "the slot was not freed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = extra
+        .request_certs(Abi::SnpReqCerts, 0, 15 * 0x1_0000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+}
+
+#[test]
+fn a_peer_that_does_not_complete_the_handshake_in_time_is_closed() {
+    let (_dir, _table, sidecar) = blob_sidecar(&["--handshake-timeout-ms", "500"]);
+    let started = Instant::now();
+    // Silent, and one that keeps sending GET_FEATURES but never SET_PROTOCOL_FEATURES.
+    let silent = sidecar.raw();
+    let chatty = sidecar.raw();
+    let keep_alive = std::thread::spawn(move || {
+        let header = Header::request(Request::GetFeatures, 0, false).encode();
+        let mut sent = 0;
+        while send_bytes(&chatty, &header, &[]).is_ok() && sent < 100 {
+            let mut reply = [0u8; wire::HEADER_SIZE + 8];
+            if std::io::Read::read_exact(&mut &chatty, &mut reply).is_err() {
                 break;
             }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "no slot freed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        sent
+    });
+    assert!(closed_within(&silent, Duration::from_secs(10)));
+    let took = started.elapsed();
+    let sent = keep_alive.join().expect("keep-alive");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    assert!(
+        sent < 20,
+        "the keep-alive peer was closed too, after {sent} messages"
+    );
+    assert!(
+        sidecar.log().contains("no handshake within 500ms"),
+        "{}",
+        sidecar.log()
+    );
+    // A negotiated connection may stay idle past it.
+    let mut vmm = sidecar.connect();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(vmm.caps().expect("still served").abis, 0x6);
 }
 
 /// CPU time (user + system, in clock ticks) the process has used.

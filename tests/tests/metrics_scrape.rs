@@ -397,6 +397,10 @@ fn lease_timeouts_and_refused_connections_are_counted() {
             "200",
             "--max-connections",
             "1",
+            "--socket-mode",
+            "0666",
+            "--allow-uid",
+            "4242",
         ],
     );
     let addr = metrics_addr(&sidecar);
@@ -404,6 +408,7 @@ fn lease_timeouts_and_refused_connections_are_counted() {
         s.value("coco_sidecar_connections", &[]) == 0.0
     });
     let refused0 = scrape(addr).value("coco_sidecar_connections_refused_total", &[]);
+    let dropped0 = scrape(addr).value("coco_sidecar_connections_dropped_total", &[]);
     let mem = GuestMem::new(RAM, 0);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[mem.region(0)]).expect("memory");
@@ -417,16 +422,45 @@ fn lease_timeouts_and_refused_connections_are_counted() {
     });
     assert_eq!(m.value("coco_sidecar_lease_timeouts_total", &[]), 1.0);
 
-    // With --max-connections 1 taken, another frontend is closed at once and counted.
-    let extra = sidecar.raw();
-    extra
+    // All slots taken (the VMM with memory, 4 spare): a fifth silent peer takes the slot of
+    // the oldest, which the sidecar closes and counts as dropped.
+    let silent: Vec<_> = (0..5)
+        .map(|_| {
+            let s = sidecar.raw();
+            thread::sleep(Duration::from_millis(20));
+            s
+        })
+        .collect();
+    silent[0]
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    assert_eq!(transport::drain(&extra).expect("closed"), 0);
-    let m = eventually(addr, "the refusal is counted", |s| {
+    assert_eq!(transport::drain(&silent[0]).expect("closed"), 0);
+    let m = eventually(addr, "the displaced connection is counted", |s| {
+        s.value("coco_sidecar_connections_dropped_total", &[]) == dropped0 + 1.0
+    });
+    assert_eq!(m.value("coco_sidecar_connections", &[]), 5.0);
+    assert_eq!(
+        m.value("coco_sidecar_connections_refused_total", &[]),
+        refused0
+    );
+
+    // A uid outside --allow-uid is closed at once and counted (needs root to be another uid).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED (the refusal half): not root, cannot connect as another uid");
+        return;
+    }
+    std::fs::set_permissions(
+        sidecar.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let status = coco_tests::health_as_uid(&sidecar.socket, 65534);
+    assert_eq!(status.code(), Some(1), "refused");
+    eventually(addr, "the refusal is counted", |s| {
         s.value("coco_sidecar_connections_refused_total", &[]) == refused0 + 1.0
     });
-    assert_eq!(m.value("coco_sidecar_connections", &[]), 1.0);
+    assert!(sidecar.log().contains("uid 65534"), "{}", sidecar.log());
 }
 
 #[test]
@@ -469,4 +503,62 @@ fn an_unusable_metrics_address_stops_start_up_with_a_clear_error() {
             "{why}: no socket left behind"
         );
     }
+}
+
+#[test]
+fn silent_peers_delay_a_scrape_little_and_healthz_and_readyz_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 6));
+    let sidecar = Sidecar::start(&blob, &["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&sidecar);
+    let timed = |path: &str| {
+        let started = Instant::now();
+        let resp = http_get(addr, path);
+        (resp, started.elapsed())
+    };
+    let (alone, quiet) = timed("/metrics");
+    assert_eq!(alone.status, 200);
+    // Peers that connect and send nothing: each scrape has its own thread, and each peer is
+    // dropped after 1 s. The old endpoint served one scrape at a time and gave each peer 2 s.
+    let mut figures = Vec::new();
+    for silent_peers in [10, 20] {
+        let peers: Vec<_> = (0..silent_peers)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        thread::sleep(Duration::from_millis(50));
+        let (resp, took) = timed("/metrics");
+        assert_eq!(resp.status, 200);
+        figures.push((silent_peers, took));
+        drop(peers);
+    }
+    println!("scrape alone {quiet:?}; with silent peers {figures:?}");
+    // Functional bounds: 10 silent peers get no scrape in line behind them; 20, more than the
+    // 16 served at once, hold one back for at most one peer timeout.
+    assert!(figures[0].1 < Duration::from_millis(900), "{figures:?}");
+    assert!(figures[1].1 < Duration::from_secs(3), "{figures:?}");
+
+    let healthz = http_get(addr, "/healthz");
+    assert_eq!((healthz.status, healthz.body.as_str()), (200, "serving\n"));
+    let ready = http_get(addr, "/readyz");
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(ready.body, "ready: blob valid: 3 entries, 3000 bytes\n");
+    // An updater holding the exclusive lock past --lock-wait-ms: not ready (guests would get
+    // EAGAIN), though alive.
+    let lock = HeldLock::take("exclusive", &blob);
+    let busy = http_get(addr, "/readyz");
+    assert_eq!(busy.status, 503, "{busy:?}");
+    assert!(
+        busy.body.starts_with("not ready: blob not servable now"),
+        "{busy:?}"
+    );
+    assert_eq!(http_get(addr, "/healthz").status, 200);
+    lock.release();
+    std::fs::write(&blob, b"not a table").expect("corrupt");
+    assert_eq!(http_get(addr, "/readyz").status, 503);
+    std::fs::remove_file(&blob).expect("rm");
+    let absent = http_get(addr, "/readyz");
+    assert_eq!(
+        (absent.status, absent.body.as_str()),
+        (200, "ready: blob absent: the empty table is served\n")
+    );
 }

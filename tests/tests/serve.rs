@@ -595,22 +595,50 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
         libc::EINVAL,
         "unaligned size"
     );
-    let unsealed = memfd::MemfdOptions::default()
-        .create("unsealed")
+    // A file that can never be written: sealed against writes.
+    let sealed = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("write-sealed")
         .expect("memfd");
-    unsealed.as_file().set_len(RAM).expect("size");
-    let region = coco_protocol::MemoryRegion {
-        guest_phys_addr: 8 * RAM,
-        size: RAM,
-        mmap_offset: 0,
-        userspace_addr: 0,
-        fd: std::os::fd::AsFd::as_fd(unsealed.as_file()),
-    };
+    sealed.as_file().set_len(RAM).expect("size");
+    sealed
+        .add_seals(&[memfd::FileSeal::SealFutureWrite])
+        .expect("seal");
+    let mut region = other.region(8 * RAM);
+    region.fd = std::os::fd::AsFd::as_fd(sealed.as_file());
     assert_eq!(
         rejected(vmm.add_mem_region(&region)),
         libc::EPERM,
-        "no shrink seal"
+        "a write seal"
     );
+    // The same memfd opened read-only: not writable guest RAM.
+    let read_only = std::fs::File::open(format!(
+        "/proc/self/fd/{}",
+        other.memfd.as_file().as_raw_fd()
+    ))
+    .expect("reopen");
+    region.fd = std::os::fd::AsFd::as_fd(&read_only);
+    assert_eq!(
+        rejected(vmm.add_mem_region(&region)),
+        libc::EBADF,
+        "read-only"
+    );
+    // A file on the disk the tests run from: a write there could block on I/O.
+    let disk = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).expect("file on disk");
+    disk.set_len(RAM).expect("size");
+    // SAFETY: statfs is a plain C struct; fstatfs writes it for the call.
+    let on_tmpfs = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(disk.as_raw_fd(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+    };
+    region.fd = std::os::fd::AsFd::as_fd(&disk);
+    if !on_tmpfs {
+        assert_eq!(
+            rejected(vmm.add_mem_region(&region)),
+            libc::EPERM,
+            "not tmpfs or hugetlbfs"
+        );
+    }
     let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     let mut not_file = other.region(8 * RAM);
     not_file.fd = std::os::fd::AsFd::as_fd(&sock);
@@ -650,11 +678,11 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
 }
 
 #[test]
-fn the_unsealed_memory_option_accepts_unsealed_files() {
+fn unsealed_memory_is_served_and_shrinking_it_is_no_crash() {
     let dir = blob_dir();
     let table = table_of_size(3000, 2);
     let blob = write_blob(dir.path(), "certs.bin", &table);
-    let sidecar = Sidecar::start(&blob, &["--allow-unsealed-memory"]);
+    let mut sidecar = Sidecar::start(&blob, &[]);
     let unsealed = memfd::MemfdOptions::default()
         .create("unsealed")
         .expect("memfd");
@@ -667,21 +695,26 @@ fn the_unsealed_memory_option_accepts_unsealed_files() {
         userspace_addr: 0,
         fd: std::os::fd::AsFd::as_fd(unsealed.as_file()),
     })
-    .expect("accepted with --allow-unsealed-memory");
+    .expect("unsealed memory is accepted: writes cannot fault");
     assert_eq!(
         vmm.request_certs(Abi::CocoRfc, 0, 0, 1)
             .expect("request")
             .ret,
         CertsRet::Ok
     );
-    // Shrinking the file under the mapping turns the next request into EIO, not SIGBUS.
+    // Shrunk to nothing under the sidecar: the next table is written with pwrite, which puts
+    // it back where the region says, instead of faulting on a page past the end.
     unsealed.as_file().set_len(0).expect("shrink");
     assert_eq!(
-        vmm.request_certs(Abi::CocoRfc, 0, 0, 1)
+        vmm.request_certs(Abi::CocoRfc, 0, 0x2000, 1)
             .expect("request")
             .ret,
-        CertsRet::Io
+        CertsRet::Ok
     );
+    let mut got = vec![0u8; table.len()];
+    std::os::unix::fs::FileExt::read_exact_at(unsealed.as_file(), &mut got, 0x2000).expect("read");
+    assert_eq!(got, table);
+    assert!(sidecar.alive());
 }
 
 #[test]
