@@ -16,6 +16,7 @@ pub mod seccomp;
 pub mod server;
 pub mod session;
 pub mod tool;
+pub mod waiters;
 pub mod watch;
 
 pub use config::{Config, MissingCerts};

@@ -12,6 +12,8 @@ use coco_protocol::table::{CertKind, Table};
 use coco_protocol::wire::{self, Header, Request};
 use coco_protocol::{Frontend, MemoryRegion};
 
+pub mod updaters;
+
 /// A binary of this workspace, next to the test executable's `deps` directory, or from the
 /// environment variable `var` when set.
 pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
@@ -461,4 +463,15 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
         );
     }
     resp
+}
+
+/// Sets its flag when dropped, also while a panic unwinds: a test that runs load threads in a
+/// `thread::scope` holds one so that a failed assertion stops them instead of hanging.
+#[derive(Debug)]
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

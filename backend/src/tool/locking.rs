@@ -1,7 +1,8 @@
 //! The updaters' side of the blob lock: open the blob and take the *exclusive* OFD lock within
 //! a bounded wait (the sidecar takes *shared* ones on its own open files, one per lease), make
 //! sure the locked file is still the one at the path, and say who holds the lock when the wait
-//! runs out.
+//! runs out. The wait is announced ([`ofd::announce_intent`]) so that sidecars stop granting
+//! new leases until it is over.
 
 use std::fs::{File, OpenOptions};
 use std::io;
