@@ -68,6 +68,11 @@ pub const UPDATER_SCAN_INTERVAL: Duration = Duration::from_millis(250);
 /// that find none end the yield.
 pub const YIELD_RESCAN_INTERVAL: Duration = Duration::from_millis(25);
 
+/// What `blob install` writes over the blob's first entry while it rewrites the rest (see
+/// `tool::journal`): an entry of length 0, which no valid table holds, so that a rewrite
+/// interrupted at any point never leaves a file that validates as a mix of two versions.
+pub const INSTALL_MARKER: [u8; 24] = *b"COCO-INSTALLING\0\xff\xff\xff\xff\0\0\0\0";
+
 /// Why a request cannot be served from the blob (answered EAGAIN, or EIO for
 /// [`BlobError::Missing`] under `--missing-certs eio`). The text names the problem for the log.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -95,6 +100,11 @@ pub enum BlobError {
     Changed(PathBuf),
     #[error("{path} is not a valid certificate table: {error}")]
     Invalid { path: PathBuf, error: TableError },
+    #[error(
+        "{0} was left half-written by an interrupted `blob install`: run `coco-sidecar blob \
+         recover {0}`"
+    )]
+    InstallInterrupted(PathBuf),
 }
 
 /// What the blob gives a request.
@@ -690,6 +700,9 @@ impl BlobStore {
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
         let mut cache = lock(&self.cache);
+        let interrupted = verdict
+            .as_ref()
+            .is_ok_and(|b| b.starts_with(&INSTALL_MARKER));
         let verdict = match verdict {
             Ok(bytes) => match cache.as_ref().map(|c| &c.verdict) {
                 // Same bytes as cached: keep the validated copy.
@@ -698,9 +711,12 @@ impl BlobStore {
             },
             Err(e) => Err(e),
         };
-        let verdict = verdict.map_err(|error| BlobError::Invalid {
-            path: self.path.clone(),
-            error,
+        let verdict = verdict.map_err(|error| match interrupted {
+            true => BlobError::InstallInterrupted(self.path.clone()),
+            false => BlobError::Invalid {
+                path: self.path.clone(),
+                error,
+            },
         });
         // The old version is not served either: the file is no longer it.
         *cache = Some(Cached {

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use super::exit;
 use super::install::{self, InstallError, InstallOptions, Installed};
-use super::locking::{self, LockingError, LOCK_ENV};
+use super::locking::{LockingError, LOCK_ENV};
 
 /// Why COMMAND did not run under the lock, or its outcome was not applied.
 #[derive(Debug, Error)]
@@ -117,7 +117,10 @@ pub fn run_locked(
     if let Some((new, what, opts)) = install_new {
         install::validate(new, what, blob, opts)?;
     }
-    let file = locking::lock_exclusive(blob, wait)?;
+    let file = install::lock_and_recover(blob, wait).map_err(|e| match e {
+        InstallError::Locking(e) => LockError::Locking(e),
+        e => LockError::Install(e),
+    })?;
     let name = program.to_string_lossy().into_owned();
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(LockError::Signals)?;
