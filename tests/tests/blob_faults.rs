@@ -1,7 +1,8 @@
 //! The blob's updaters under faults (issue 12), through the real binaries: `blob install`
 //! killed at random moments while guests keep asking, on a full filesystem, through a
-//! symbolic link; `blob recover` of an interrupted install. The node must never lose its
-//! blob, and never serve a torn table.
+//! symbolic link; `blob recover` of an interrupted install; `blob lock` killed while its
+//! COMMAND runs. The node must never lose its blob, never serve a torn table, and never lose
+//! an exclusion while its holder still works.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -10,14 +11,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use coco_protocol::table::CertKind;
+use coco_protocol::table::{CertKind, EMPTY_TABLE};
 use coco_protocol::{Abi, CertsRet};
 use coco_sidecar::blob::INSTALL_MARKER;
 use coco_sidecar::tool::journal;
 use coco_tests::updaters::{
-    blob_cmd, connect_with_ram, listing, old_and_new, output_text, synthetic_table, MEM,
+    blob_cmd, connect_with_ram, listing, old_and_new, output_text, staged, synthetic_table,
+    wait_for_file, Staged, MEM,
 };
-use coco_tests::{Sidecar, StopOnDrop, TmpfsMount};
+use coco_tests::{exclusive_lock_free, Sidecar, StopOnDrop, TmpfsMount};
 
 const POISON: u8 = 0xa5;
 /// Installs started and killed in the random-kill test.
@@ -362,4 +364,77 @@ fn updaters_refuse_a_symbolic_link_at_the_blob() {
     assert!(!real.exists());
     std::fs::write(&real, &old).expect("write");
     assert_eq!(std::fs::read(&real).expect("read"), old);
+}
+
+/// SIGKILL of `blob lock` while COMMAND runs: COMMAND holds the lock through the inherited
+/// descriptor (named in the environment) until it ends: the sidecar answers EAGAIN and
+/// another install is refused as busy meanwhile.
+#[test]
+fn blob_lock_killed_while_its_command_runs_keeps_the_lock_until_the_command_ends() {
+    let Staged {
+        dir,
+        old,
+        served: blob,
+        new_path,
+        ..
+    } = staged();
+    let sidecar = Sidecar::start(&blob, &["--lock-wait-ms", "20"]);
+    let (mut fe, mem) = connect_with_ram(&sidecar.socket, POISON);
+    let (held, release, info) = (
+        dir.path().join("held"),
+        dir.path().join("release"),
+        dir.path().join("info"),
+    );
+    // COMMAND notes the descriptor and what it names, says it runs, then waits (at most 20 s)
+    // until the test lets it finish.
+    let script = format!(
+        "fd=$COCO_SIDECAR_BLOB_LOCK_FD; echo \"$fd $(readlink /proc/$$/fd/$fd)\" > '{i}'; \
+         touch '{h}'; n=0; while [ ! -e '{r}' ] && [ $n -lt 1000 ]; do sleep 0.02; n=$((n+1)); done",
+        i = info.display(),
+        h = held.display(),
+        r = release.display()
+    );
+    let mut lock = blob_cmd()
+        .arg("lock")
+        .arg(&blob)
+        .args(["--install", new_path.to_str().expect("utf-8")])
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn blob lock");
+    wait_for_file(&held, &mut lock);
+    lock.kill().expect("SIGKILL blob lock");
+    assert_eq!(lock.wait().expect("wait").signal(), Some(libc::SIGKILL));
+
+    let said = std::fs::read_to_string(&info).expect("info");
+    let (fd, target) = said.trim().split_once(' ').expect("fd and target");
+    assert!(fd.parse::<u32>().expect("a number") > 2, "{said}");
+    assert_eq!(
+        Path::new(target),
+        blob.canonicalize().expect("canonical"),
+        "the descriptor is the blob"
+    );
+    assert!(!exclusive_lock_free(&blob), "COMMAND still holds the lock");
+    let r = fe
+        .request_certs(Abi::SnpReqCerts, 0, 0, MEM / 4096)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Again);
+    let out = install(&new_path, &blob, 200).output().expect("install");
+    assert_eq!(out.status.code(), Some(4), "{}", output_text(&out));
+    assert!(output_text(&out).contains("another updater holds the exclusive lock"));
+
+    std::fs::write(&release, b"").expect("release");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exclusive_lock_free(&blob) {
+        assert!(Instant::now() < deadline, "COMMAND never let go");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // `blob lock` died before COMMAND ended: its --install did not happen.
+    let r = fe
+        .request_certs(Abi::SnpReqCerts, 0, 0, MEM / 4096)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0, old.len()), old);
+    assert_ne!(mem.read(0, EMPTY_TABLE.len()), EMPTY_TABLE);
 }
