@@ -5,6 +5,7 @@ pub mod blob;
 pub mod certs;
 pub mod config;
 pub mod demo;
+pub mod eagain;
 pub mod health;
 pub mod lease;
 pub mod listen;

@@ -313,6 +313,11 @@ struct ServeArgs {
     /// What a request gets while the blob does not exist.
     #[arg(long, value_enum, default_value = "empty")]
     missing_certs: MissingArg,
+    /// Longest run of EAGAIN for the blob (locked, invalid, unreadable, missing with
+    /// --missing-certs again) a connection's guest sees; then the empty table until it is
+    /// servable. Linux guests give up after 60 s of EAGAIN.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    max_eagain_ms: u64,
     /// Connections served at once.
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
@@ -420,6 +425,9 @@ impl TryFrom<ServeArgs> for Config {
         if a.lease_timeout_ms > u64::from(u32::MAX) {
             return Err("--lease-timeout-ms is too large".into());
         }
+        if a.max_eagain_ms > MAX_WAIT_MS {
+            return Err(format!("--max-eagain-ms must be at most {MAX_WAIT_MS}"));
+        }
         let systemd = listen::from_systemd(
             std::env::var_os("LISTEN_PID").as_deref(),
             std::env::var_os("LISTEN_FDS").as_deref(),
@@ -454,6 +462,7 @@ impl TryFrom<ServeArgs> for Config {
         c.lock_wait = Duration::from_millis(a.lock_wait_ms);
         c.lease_timeout = Duration::from_millis(a.lease_timeout_ms);
         c.missing_certs = a.missing_certs.into();
+        c.max_eagain = Duration::from_millis(a.max_eagain_ms);
         c.max_connections = a.max_connections;
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);
