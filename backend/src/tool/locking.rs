@@ -93,7 +93,8 @@ impl std::fmt::Display for Holder {
             Holder::Shared => {
                 "a coco-sidecar holds a shared lock: a guest's certificate request has not reached \
                  firmware yet (the lease ends at the VMM's COCO_DONE, or after the sidecar's \
-                 --lease-timeout-ms), or requests keep arriving back to back"
+                 --lease-timeout-ms; sidecars grant no new lease while an updater waits, so a \
+                 wait longer than their --lease-timeout-ms + --lock-wait-ms + 1 s suffices)"
             }
             Holder::Exclusive => {
                 "another updater holds the exclusive lock (a `coco-sidecar blob install` or \
