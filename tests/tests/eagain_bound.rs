@@ -3,7 +3,7 @@
 //! it the guest gets the empty table (ret 0, 24 zero bytes, no lease), logged once with the
 //! reason and counted in `coco_sidecar_eagain_fallbacks_total`, until the blob is servable
 //! again. Whatever keeps the blob from being served: an updater's lock, an invalid file, a
-//! missing one under `--missing-certs again`.
+//! missing one under `--missing-certs again`, one that cannot be read.
 
 use std::path::Path;
 use std::thread;
@@ -92,10 +92,11 @@ fn eagain_then_empty(fe: &mut Frontend, mem: &GuestMem) -> u64 {
 
 /// The reasons the log gives each time a run passed the bound, as one of `REASONS`.
 fn bound_passed(sidecar: &Sidecar) -> Vec<&'static str> {
-    const REASONS: [&str; 3] = [
+    const REASONS: [&str; 4] = [
         "is locked by an updater",
         "is not a valid certificate table",
         "does not exist",
+        "is not a regular file",
     ];
     sidecar
         .log()
@@ -148,7 +149,7 @@ fn a_locked_blob_is_eagain_for_at_most_the_bound_then_the_empty_table() {
 }
 
 #[test]
-fn invalid_and_missing_blobs_are_bounded_too() {
+fn invalid_missing_and_unreadable_blobs_are_bounded_too() {
     let (old, _) = old_and_new();
     let dir = tempfile::tempdir().expect("tempdir");
     let blob = dir.path().join("certs.blob");
@@ -166,6 +167,15 @@ fn invalid_and_missing_blobs_are_bounded_too() {
         bound_passed(&sidecar),
         ["is not a valid certificate table", "does not exist"]
     );
+    std::fs::write(&blob, &old).expect("write");
+    assert_serves(&mut fe, &mem, &old);
+
+    // Unreadable: a directory where the blob should be.
+    std::fs::remove_file(&blob).expect("rm");
+    std::fs::create_dir(&blob).expect("mkdir");
+    eagain_then_empty(&mut fe, &mem);
+    assert_eq!(bound_passed(&sidecar)[2..], ["is not a regular file"]);
+    std::fs::remove_dir(&blob).expect("rmdir");
     std::fs::write(&blob, &old).expect("write");
     assert_serves(&mut fe, &mem, &old);
 }
