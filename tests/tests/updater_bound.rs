@@ -83,8 +83,8 @@ fn vmm(socket: &Path, pattern: Pattern, tables: &AtomicU64, stop: &AtomicBool) {
 }
 
 /// Runs `pattern` against `sidecars` sidecars of one fresh blob (one VMM each), checks that
-/// it keeps the lock held, and then calls `updater` (which returns how long it waited);
-/// checks the bound and that guests are served again afterwards.
+/// it keeps the lock held, and then calls `updater`, which checks that it got the lock within
+/// the bound and returns how long it took; checks that guests are served again afterwards.
 fn under(pattern: Pattern, sidecars: usize, updater: impl FnOnce(&Path, &Path) -> Duration) {
     let Staged {
         dir: _dir,
@@ -105,19 +105,20 @@ fn under(pattern: Pattern, sidecars: usize, updater: impl FnOnce(&Path, &Path) -
             })
             .collect();
         let _stop = StopOnDrop(&stop);
-        thread::sleep(Duration::from_millis(300));
+        // The pattern is under way once every VMM has had two tables.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tables.iter().any(|t| t.load(Ordering::Relaxed) < 2) {
+            assert!(Instant::now() < deadline, "the VMMs are not served");
+            thread::sleep(Duration::from_millis(10));
+        }
         // The pattern holds the shared lock at every instant: an exclusive try that does not
         // announce itself never gets it (and does not make the sidecar yield).
         for _ in 0..10 {
             assert!(!lock_free("exclusive", &blob), "{pattern:?} left a gap");
             thread::sleep(Duration::from_millis(50));
         }
-        let waited = updater(&blob, &new_path);
-        assert!(
-            waited <= Duration::from_millis(BOUND_MS),
-            "{pattern:?}: the updater waited {waited:?}, more than {BOUND_MS} ms"
-        );
-        eprintln!("{pattern:?}: the updater waited {waited:?} (bound {BOUND_MS} ms)");
+        let took = updater(&blob, &new_path);
+        eprintln!("{pattern:?}: the updater took {took:?} (bound {BOUND_MS} ms)");
         // Guests are served again, from the blob as the updater left it.
         let before: Vec<u64> = tables.iter().map(|t| t.load(Ordering::Relaxed)).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -148,7 +149,8 @@ fn under(pattern: Pattern, sidecars: usize, updater: impl FnOnce(&Path, &Path) -
     }
 }
 
-/// `blob install --wait-ms BOUND` succeeds, and guests get the new blob.
+/// `blob install --wait-ms BOUND` succeeds (the tool gives up when its wait for the lock,
+/// which starts once NEW is validated, lasts longer), and BLOB is the new blob.
 fn install_within_the_bound(blob: &Path, new: &Path) -> Duration {
     let t = Instant::now();
     let out = blob_cmd()
@@ -243,7 +245,7 @@ fn third_party_within_the_bound(blob: &Path) -> Duration {
     let locker = ThirdParty::start(blob);
     locker.said("waiting", Duration::from_secs(10));
     let t = Instant::now();
-    locker.said("locked", Duration::from_millis(BOUND_MS + 1000));
+    locker.said("locked", Duration::from_millis(BOUND_MS));
     let waited = t.elapsed();
     // While it holds the lock, guests get EAGAIN (the VMM asserts nothing else comes).
     thread::sleep(Duration::from_millis(200));
