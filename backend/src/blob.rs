@@ -47,6 +47,7 @@ use thiserror::Error;
 use crate::config::MissingCerts;
 use crate::metrics::Histogram;
 use crate::ofd::{self, LockKind};
+use crate::waiters;
 use crate::watch::PathWatch;
 
 /// A cached version is trusted only if it was read this long after the file's last change.
@@ -58,6 +59,19 @@ pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 pub const REVERIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// The same problem is logged at most this often.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// While the shared lock is being taken or joined, /proc/locks is read at most this often for
+/// updaters waiting ([`crate::waiters`]): an updater that starts waiting is seen within this,
+/// then no new lease is granted, and it gets the lock once the leases held end (at most
+/// `--lease-timeout-ms` later). docs/design.md, "Updaters first".
+pub const UPDATER_SCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// While yielding to an updater, /proc/locks is read at most this often; two looks in a row
+/// that find none end the yield.
+pub const YIELD_RESCAN_INTERVAL: Duration = Duration::from_millis(25);
+
+/// What `blob install` writes over the blob's first entry while it rewrites the rest (see
+/// `tool::journal`): an entry of length 0, which no valid table holds, so that a rewrite
+/// interrupted at any point never leaves a file that validates as a mix of two versions.
+pub const INSTALL_MARKER: [u8; 24] = *b"COCO-INSTALLING\0\xff\xff\xff\xff\0\0\0\0";
 
 /// Why a request cannot be served from the blob (answered EAGAIN, or EIO for
 /// [`BlobError::Missing`] under `--missing-certs eio`). The text names the problem for the log.
@@ -67,6 +81,11 @@ pub enum BlobError {
     Missing(PathBuf),
     #[error("{path} is locked by an updater (waited {waited:?})")]
     Locked { path: PathBuf, waited: Duration },
+    #[error(
+        "an updater waits for the lock on {path}: no new leases until it has had it (waited \
+         {waited:?})"
+    )]
+    UpdaterWaiting { path: PathBuf, waited: Duration },
     #[error("cannot {what} {path}: {error}")]
     Io {
         what: &'static str,
@@ -81,6 +100,11 @@ pub enum BlobError {
     Changed(PathBuf),
     #[error("{path} is not a valid certificate table: {error}")]
     Invalid { path: PathBuf, error: TableError },
+    #[error(
+        "{0} was left half-written by an interrupted `blob install`: run `coco-sidecar blob \
+         recover {0}`"
+    )]
+    InstallInterrupted(PathBuf),
 }
 
 /// What the blob gives a request.
@@ -135,44 +159,156 @@ struct OpenBlob {
     file: File,
     dev: u64,
     ino: u64,
-    /// Leases holding the shared lock through this file; the OFD lock is held exactly while
-    /// this is non-zero.
-    holders: Mutex<usize>,
+    holders: Mutex<Holders>,
     /// Unlocking failed: this file may still hold its lock, so it must not be used again (it
     /// is closed, which drops any lock, once its last lease ends).
     broken: AtomicBool,
 }
 
+/// Who holds the shared lock through one open file, and whether an updater waits for it.
+#[derive(Debug)]
+struct Holders {
+    /// Leases holding the shared lock through this file; the OFD lock is held exactly while
+    /// this is non-zero.
+    count: usize,
+    /// How /proc/locks names the file ([`waiters`]); `kernel` once read from fdinfo.
+    lock_id: String,
+    kernel: bool,
+    /// When /proc/locks was last read.
+    scanned: Option<Instant>,
+    /// An updater waits for the exclusive lock: no new share is handed out until it is gone.
+    yielding: bool,
+    /// Scans in a row that found no updater while yielding.
+    clear_scans: u8,
+    /// /proc/locks could not be read (logged once).
+    blind: bool,
+}
+
+/// Why a share of the lock was not handed out within the wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// An updater holds the exclusive lock.
+    Locked,
+    /// An updater waits for it, and the leases drain so that it gets it.
+    Yielding,
+}
+
 impl OpenBlob {
-    /// Takes a share of the shared lock, waiting at most `wait` for an updater to finish.
-    /// Retries with short sleeps (200 us doubling to 5 ms), never spinning.
-    fn acquire(self: &Arc<Self>, wait: Duration) -> io::Result<Option<BlobLock>> {
+    fn new(file: File, meta: &std::fs::Metadata) -> OpenBlob {
+        OpenBlob {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            holders: Mutex::new(Holders {
+                count: 0,
+                lock_id: waiters::stat_lock_id(meta),
+                kernel: false,
+                scanned: None,
+                yielding: false,
+                clear_scans: 0,
+                blind: false,
+            }),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes a share of the shared lock, waiting at most `wait` for an updater to finish (or,
+    /// when one waits for the lock, for it to have had it). Retries with short sleeps (200 us
+    /// doubling to 5 ms), never spinning.
+    fn acquire(self: &Arc<Self>, wait: Duration) -> io::Result<Result<BlobLock, Refused>> {
         let mut deadline = None;
         let mut nap = Duration::from_micros(200);
         loop {
-            {
+            let refused = {
                 let mut holders = lock(&self.holders);
-                if *holders > 0 || ofd::try_lock(&self.file, LockKind::Shared)? {
-                    *holders += 1;
-                    return Ok(Some(BlobLock {
+                self.look_for_updaters(&mut holders);
+                if holders.yielding {
+                    Refused::Yielding
+                } else if holders.count > 0 || ofd::try_lock(&self.file, LockKind::Shared)? {
+                    if !holders.kernel {
+                        self.learn_lock_id(&mut holders);
+                    }
+                    holders.count += 1;
+                    return Ok(Ok(BlobLock {
                         blob: Arc::clone(self),
                     }));
+                } else {
+                    Refused::Locked
                 }
-            }
+            };
             let now = Instant::now();
             let deadline = *deadline.get_or_insert(now + wait);
             if now >= deadline {
-                return Ok(None);
+                return Ok(Err(refused));
             }
             thread::sleep(nap.min(deadline - now));
             nap = (nap * 2).min(Duration::from_millis(5));
         }
     }
 
+    /// Reads /proc/locks when the last look is [`UPDATER_SCAN_INTERVAL`] old (or, while
+    /// yielding, [`YIELD_RESCAN_INTERVAL`]) and starts or stops yielding to an updater.
+    fn look_for_updaters(&self, holders: &mut Holders) {
+        let now = Instant::now();
+        let every = if holders.yielding {
+            YIELD_RESCAN_INTERVAL
+        } else {
+            UPDATER_SCAN_INTERVAL
+        };
+        if holders
+            .scanned
+            .is_some_and(|at| now.duration_since(at) < every)
+        {
+            return;
+        }
+        holders.scanned = Some(now);
+        match waiters::updater_waiting(&holders.lock_id) {
+            Ok(true) => {
+                if !holders.yielding {
+                    info!(
+                        "an updater waits for the blob's exclusive lock; no new leases until it \
+                         has had it ({} held now)",
+                        holders.count
+                    );
+                }
+                holders.yielding = true;
+                holders.clear_scans = 0;
+            }
+            // Two clear looks in a row, at least YIELD_RESCAN_INTERVAL apart: an updater
+            // woken by our unlock has had that long to take the lock.
+            Ok(false) if holders.yielding => {
+                holders.clear_scans += 1;
+                if holders.clear_scans >= 2 {
+                    holders.yielding = false;
+                    info!("no updater waits for the blob any more; granting leases again");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                if !holders.blind {
+                    warn!(
+                        "cannot read {}: {e}; updaters that wait for the blob's lock are not \
+                         seen, and requests arriving back to back can hold them off",
+                        waiters::PROC_LOCKS
+                    );
+                    holders.blind = true;
+                }
+            }
+        }
+    }
+
+    /// Learns the kernel's name of the file from fdinfo, while our lock is held.
+    fn learn_lock_id(&self, holders: &mut Holders) {
+        if let Some(id) = waiters::held_lock_id(&self.file, self.ino) {
+            holders.lock_id = id;
+        }
+        holders.kernel = true;
+    }
+
     fn release(&self) {
         let mut holders = lock(&self.holders);
-        *holders = holders.saturating_sub(1);
-        if *holders == 0 {
+        holders.count = holders.count.saturating_sub(1);
+        if holders.count == 0 {
             if let Err(e) = ofd::unlock(&self.file) {
                 error!("cannot drop the shared lock on the blob: {e}; closing that file instead");
                 self.broken.store(true, Ordering::Relaxed);
@@ -480,8 +616,12 @@ impl BlobStore {
         let acquired = blob.acquire(self.lock_wait);
         self.lock_wait_seconds.observe(waiting.elapsed());
         match acquired {
-            Ok(Some(s)) => Ok(s),
-            Ok(None) => Err(Fetch::Again(BlobError::Locked {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(Refused::Locked)) => Err(Fetch::Again(BlobError::Locked {
+                path: self.path.clone(),
+                waited: self.lock_wait,
+            })),
+            Ok(Err(Refused::Yielding)) => Err(Fetch::Again(BlobError::UpdaterWaiting {
                 path: self.path.clone(),
                 waited: self.lock_wait,
             })),
@@ -514,13 +654,7 @@ impl BlobStore {
             return Err(BlobError::NotRegular(self.path.clone()));
         }
         self.counters.opens.fetch_add(1, Ordering::Relaxed);
-        let blob = Arc::new(OpenBlob {
-            file,
-            dev: meta.dev(),
-            ino: meta.ino(),
-            holders: Mutex::new(0),
-            broken: AtomicBool::new(false),
-        });
+        let blob = Arc::new(OpenBlob::new(file, &meta));
         *lock(&self.current) = Some(Arc::clone(&blob));
         Ok(Some(blob))
     }
@@ -566,6 +700,9 @@ impl BlobStore {
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
         let mut cache = lock(&self.cache);
+        let interrupted = verdict
+            .as_ref()
+            .is_ok_and(|b| b.starts_with(&INSTALL_MARKER));
         let verdict = match verdict {
             Ok(bytes) => match cache.as_ref().map(|c| &c.verdict) {
                 // Same bytes as cached: keep the validated copy.
@@ -574,9 +711,12 @@ impl BlobStore {
             },
             Err(e) => Err(e),
         };
-        let verdict = verdict.map_err(|error| BlobError::Invalid {
-            path: self.path.clone(),
-            error,
+        let verdict = verdict.map_err(|error| match interrupted {
+            true => BlobError::InstallInterrupted(self.path.clone()),
+            false => BlobError::Invalid {
+                path: self.path.clone(),
+                error,
+            },
         });
         // The old version is not served either: the file is no longer it.
         *cache = Some(Cached {
@@ -887,7 +1027,7 @@ mod tests {
         drop(new_lease);
         assert!(exclusive_free(&p.0));
         // The old lease still locks the old (now unlinked) file until it ends.
-        assert_eq!(*lock(&old_lease.blob.holders), 1);
+        assert_eq!(lock(&old_lease.blob.holders).count, 1);
         drop(old_lease);
     }
 
@@ -930,6 +1070,41 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(10));
         drop(w);
         assert_eq!(served(store.fetch()), table(8));
+    }
+
+    #[test]
+    fn an_announced_updater_stops_new_leases_and_gets_the_lock_when_they_end() {
+        let p = Tmp::new("yield");
+        std::fs::write(&p.0, table(14)).expect("write");
+        let store = BlobStore::new(&p.0, Duration::from_millis(100), MissingCerts::Empty);
+        let take = || match store.fetch() {
+            Fetch::Table { lock, .. } => lock.expect("a lease"),
+            other => panic!("{other:?}"),
+        };
+        let held = take();
+        let updater = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p.0)
+            .expect("open");
+        assert!(ofd::announce_intent(&updater).expect("announce"));
+        // Joining a held lock costs no system call, but once the scan interval is over the
+        // next request looks, sees the updater, and gets no share.
+        std::thread::sleep(UPDATER_SCAN_INTERVAL);
+        assert!(matches!(
+            store.fetch(),
+            Fetch::Again(BlobError::UpdaterWaiting { .. })
+        ));
+        assert!(!ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        drop(held);
+        assert!(ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        assert!(
+            matches!(store.fetch(), Fetch::Again(_)),
+            "the updater has it"
+        );
+        // Once it is gone, two clear looks later (within the 100 ms lock wait), leases again.
+        drop(updater);
+        drop(take());
     }
 
     #[test]

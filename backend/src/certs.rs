@@ -1,20 +1,29 @@
 //! Answering one certificate-request exit record: the semantics of docs/protocol.md,
 //! "Answering a certificate request".
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use coco_protocol::exit::{self, Abi, CertsRet, RecordError, PAGE_SIZE};
-use coco_protocol::table::pages_for;
+use coco_protocol::table::{pages_for, EMPTY_TABLE};
 use coco_protocol::wire::ExitMsg;
 use log::{debug, warn};
 
 use crate::blob::{self, BlobStore, Fetch};
+use crate::eagain::EagainBound;
 use crate::lease::Leases;
 use crate::memory::GuestRam;
 
 /// Answers `msg`: the reply's record carries ret (and npages for ENOSPC); `status` is non-zero
-/// when the record was not a certificate request this sidecar serves.
-pub fn answer(msg: ExitMsg, store: &BlobStore, ram: &GuestRam, leases: &mut Leases) -> ExitMsg {
+/// when the record was not a certificate request this sidecar serves. `eagain` is the
+/// connection's run of EAGAIN for the blob.
+pub fn answer(
+    msg: ExitMsg,
+    store: &BlobStore,
+    ram: &GuestRam,
+    leases: &mut Leases,
+    eagain: &mut EagainBound,
+) -> ExitMsg {
     let mut reply = ExitMsg {
         status: 0,
         lease: 0,
@@ -45,7 +54,7 @@ pub fn answer(msg: ExitMsg, store: &BlobStore, ram: &GuestRam, leases: &mut Leas
     };
     // A vCPU asking again has passed its previous request to firmware.
     leases.release_vcpu(reply.vcpu);
-    let (ret, npages, lease) = serve(request, store, ram, leases, reply.vcpu);
+    let (ret, npages, lease) = serve(request, store, ram, leases, eagain, reply.vcpu);
     exit::encode_answer(abi, &mut reply.record, ret, npages);
     reply.lease = lease;
     debug!(
@@ -66,6 +75,7 @@ fn serve(
     store: &BlobStore,
     ram: &GuestRam,
     leases: &mut Leases,
+    eagain: &mut EagainBound,
     vcpu: u32,
 ) -> (CertsRet, Option<u64>, u64) {
     let buf_len = req
@@ -84,10 +94,17 @@ fn serve(
         return (CertsRet::Again, None, 0);
     }
     let (bytes, lock) = match store.fetch() {
-        Fetch::Table { bytes, lock } => (bytes, lock),
+        Fetch::Table { bytes, lock } => {
+            eagain.servable();
+            (bytes, lock)
+        }
         Fetch::Again(why) => {
-            debug!("vcpu {vcpu}: EAGAIN: {why}");
-            return (CertsRet::Again, None, 0);
+            if !eagain.unservable(&why, Instant::now()) {
+                debug!("vcpu {vcpu}: EAGAIN: {why}");
+                return (CertsRet::Again, None, 0);
+            }
+            debug!("vcpu {vcpu}: the empty table, EAGAIN lasted --max-eagain-ms: {why}");
+            (Arc::from(&EMPTY_TABLE[..]), None)
         }
         Fetch::Io(why) => {
             warn!("vcpu {vcpu}: EIO: {why}");

@@ -33,6 +33,8 @@ pub struct Config {
     pub lock_wait: Duration,
     /// How long a lease may be held without COCO_DONE.
     pub lease_timeout: Duration,
+    /// Longest run of EAGAIN for the blob a connection's guest sees; then the empty table.
+    pub max_eagain: Duration,
     /// Policy while the blob is missing.
     pub missing_certs: MissingCerts,
     /// Connections that may hold guest memory or leases at once; [`crate::slots::SPARE_SLOTS`]
@@ -62,6 +64,7 @@ impl Config {
             certs: certs.into(),
             lock_wait: Duration::from_millis(100),
             lease_timeout: Duration::from_millis(5000),
+            max_eagain: Duration::from_millis(30_000),
             missing_certs: MissingCerts::Empty,
             max_connections: 16,
             max_leases: 64,

@@ -5,6 +5,7 @@ pub mod blob;
 pub mod certs;
 pub mod config;
 pub mod demo;
+pub mod eagain;
 pub mod health;
 pub mod lease;
 pub mod listen;
@@ -18,6 +19,7 @@ pub mod server;
 pub mod session;
 pub mod slots;
 pub mod tool;
+pub mod waiters;
 pub mod watch;
 
 pub use config::{Config, MissingCerts};

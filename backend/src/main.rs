@@ -31,8 +31,8 @@ enum Command {
 }
 
 const BLOB_EXIT_STATUSES: &str = "Exit statuses: 0 good; 1 valid with warnings (check); \
-2 invalid (check), input refused (install, import); 3 failed (I/O, bad option value); \
-4 blob still locked after --wait-ms (install, import); 64 usage error. \
+2 invalid (check, recover), input refused (install, import); 3 failed (I/O, bad option value); \
+4 blob still locked after --wait-ms (install, import, recover); 64 usage error. \
 `blob lock` exits with COMMAND's status (128+N if signal N ended it), or 124 lock busy, \
 125 other failure, 126 COMMAND not executable, 127 COMMAND not found.";
 
@@ -52,6 +52,9 @@ enum BlobCommand {
     Install(InstallArgs),
     /// Run COMMAND while holding the exclusive OFD lock on BLOB; exit with its status.
     Lock(LockArgs),
+    /// Finish or roll back an interrupted install of BLOB and remove its leftover temporary
+    /// files (install and lock do this first); exit 0 when BLOB is then a valid table.
+    Recover(RecoverArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -149,6 +152,14 @@ struct InstallArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct RecoverArgs {
+    /// The blob the sidecars serve.
+    blob: PathBuf,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Debug, clap::Args)]
 struct LockArgs {
     /// The blob the sidecars serve.
     blob: PathBuf,
@@ -167,12 +178,18 @@ struct LockArgs {
 /// Longest `--wait-ms` accepted: a day (a longer wait is a mistake, and must not overflow).
 const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
 
-fn install_options(wait: &WaitArgs, validate: &ValidateArgs) -> Result<InstallOptions, String> {
-    if wait.wait_ms > MAX_WAIT_MS {
-        return Err(format!("--wait-ms must be at most {MAX_WAIT_MS}"));
+impl WaitArgs {
+    fn duration(&self) -> Result<Duration, String> {
+        if self.wait_ms > MAX_WAIT_MS {
+            return Err(format!("--wait-ms must be at most {MAX_WAIT_MS}"));
+        }
+        Ok(Duration::from_millis(self.wait_ms))
     }
+}
+
+fn install_options(wait: &WaitArgs, validate: &ValidateArgs) -> Result<InstallOptions, String> {
     Ok(InstallOptions {
-        wait: Duration::from_millis(wait.wait_ms),
+        wait: wait.duration()?,
         strict: validate.strict,
         check: check::CheckOptions::now(),
     })
@@ -222,6 +239,10 @@ impl TryFrom<BlobCommand> for tool::Command {
             BlobCommand::Install(a) => tool::Command::Install {
                 opts: install_options(&a.wait, &a.validate)?,
                 new: a.new,
+                blob: a.blob,
+            },
+            BlobCommand::Recover(a) => tool::Command::Recover {
+                wait: a.wait.duration()?,
                 blob: a.blob,
             },
             BlobCommand::Lock(a) => {
@@ -292,6 +313,11 @@ struct ServeArgs {
     /// What a request gets while the blob does not exist.
     #[arg(long, value_enum, default_value = "empty")]
     missing_certs: MissingArg,
+    /// Longest run of EAGAIN for the blob (locked, invalid, unreadable, missing with
+    /// --missing-certs again) a connection's guest sees; then the empty table until it is
+    /// servable. Linux guests give up after 60 s of EAGAIN.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    max_eagain_ms: u64,
     /// Connections that may hold guest memory or leases at once (4 more may be open without).
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
@@ -402,6 +428,9 @@ impl TryFrom<ServeArgs> for Config {
         if a.lease_timeout_ms > u64::from(u32::MAX) {
             return Err("--lease-timeout-ms is too large".into());
         }
+        if a.max_eagain_ms > MAX_WAIT_MS {
+            return Err(format!("--max-eagain-ms must be at most {MAX_WAIT_MS}"));
+        }
         let systemd = listen::from_systemd(
             std::env::var_os("LISTEN_PID").as_deref(),
             std::env::var_os("LISTEN_FDS").as_deref(),
@@ -436,6 +465,7 @@ impl TryFrom<ServeArgs> for Config {
         c.lock_wait = Duration::from_millis(a.lock_wait_ms);
         c.lease_timeout = Duration::from_millis(a.lease_timeout_ms);
         c.missing_certs = a.missing_certs.into();
+        c.max_eagain = Duration::from_millis(a.max_eagain_ms);
         c.max_connections = a.max_connections;
         c.max_leases = a.max_leases;
         c.io_timeout = Duration::from_millis(a.io_timeout_ms);

@@ -156,6 +156,7 @@ pub struct Metrics {
     request_duration: Histogram,
     leases_held: AtomicI64,
     lease_timeouts: AtomicU64,
+    eagain_fallbacks: AtomicU64,
     connections: AtomicI64,
     accepted: AtomicU64,
     refused: AtomicU64,
@@ -217,6 +218,12 @@ impl Metrics {
     /// `n` leases were dropped by their timeout (no COCO_DONE).
     pub fn lease_timeouts(&self, n: usize) {
         self.lease_timeouts.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A request got the empty table because the blob had not been servable for
+    /// `--max-eagain-ms`.
+    pub fn eagain_fallback(&self) {
+        self.eagain_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection was accepted and is being served.
@@ -375,6 +382,12 @@ impl Collector for Exposition {
                 "coco_sidecar_lease_timeouts",
                 "Leases dropped by --lease-timeout-ms because no COCO_DONE came.",
                 m.lease_timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "coco_sidecar_eagain_fallbacks",
+                "Requests answered with the empty table because the blob had not been \
+                 servable for --max-eagain-ms.",
+                m.eagain_fallbacks.load(Ordering::Relaxed),
             ),
             (
                 "coco_sidecar_connections_accepted",

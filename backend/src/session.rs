@@ -15,6 +15,7 @@ use log::{info, warn};
 use crate::blob::BlobStore;
 use crate::certs;
 use crate::config::Config;
+use crate::eagain::EagainBound;
 use crate::lease::Leases;
 use crate::memory::GuestRam;
 use crate::metrics::Metrics;
@@ -38,6 +39,7 @@ pub struct Session {
     store: Arc<BlobStore>,
     ram: GuestRam,
     leases: Leases,
+    eagain: EagainBound,
     lease_timeout_ms: u32,
     lock_wait_ms: u32,
     max_leases: u32,
@@ -58,6 +60,7 @@ impl Session {
             store,
             ram: GuestRam::new(),
             leases: Leases::new(config.max_leases, config.lease_timeout),
+            eagain: EagainBound::new(id, config.max_eagain),
             lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
             lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
             max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
@@ -310,8 +313,17 @@ impl Session {
             }
             FrontendRequest::CocoExit(exit) => {
                 let started = Instant::now();
-                let reply = certs::answer(exit, &self.store, &self.ram, &mut self.leases);
+                let reply = certs::answer(
+                    exit,
+                    &self.store,
+                    &self.ram,
+                    &mut self.leases,
+                    &mut self.eagain,
+                );
                 self.metrics.record_exit(&reply, started.elapsed());
+                if self.eagain.take_fallback() {
+                    self.metrics.eagain_fallback();
+                }
                 self.report_leases();
                 let payload = reply.encode();
                 Outcome::Reply(Header::reply(request, payload.len()), payload)

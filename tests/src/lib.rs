@@ -14,6 +14,8 @@ pub mod qemu;
 use coco_protocol::wire::{self, Header, Request};
 use coco_protocol::{Frontend, MemoryRegion};
 
+pub mod updaters;
+
 /// A binary of this workspace, next to the test executable's `deps` directory, or from the
 /// environment variable `var` when set.
 pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
@@ -488,4 +490,96 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
         );
     }
     resp
+}
+
+/// Sets its flag when dropped, also while a panic unwinds: a test that runs load threads in a
+/// `thread::scope` holds one so that a failed assertion stops them instead of hanging.
+#[derive(Debug)]
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Set to `1` to turn an impossible tmpfs mount (not root, no CAP_SYS_ADMIN) into a failure
+/// instead of a skip (CI runs as root).
+pub const REQUIRE_MOUNT_VAR: &str = "COCO_REQUIRE_MOUNT";
+
+/// A small tmpfs mounted on a fresh temporary directory, unmounted when dropped.
+#[derive(Debug)]
+pub struct TmpfsMount {
+    dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `bytes` (a multiple of the page size); `Err` says why not.
+    pub fn new(bytes: u64) -> Result<TmpfsMount, String> {
+        use std::ffi::CString;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let target =
+            CString::new(dir.path().as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let options = CString::new(format!("size={bytes},mode=0700")).map_err(|e| e.to_string())?;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"coco-test".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "mount -t tmpfs: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(TmpfsMount { dir })
+    }
+
+    /// Mounts one, or prints one `SKIPPED:` line for `test` and returns `None` (a failure
+    /// when [`REQUIRE_MOUNT_VAR`] is `1`).
+    pub fn or_skip(test: &str, bytes: u64) -> Option<TmpfsMount> {
+        match TmpfsMount::new(bytes) {
+            Ok(m) => Some(m),
+            Err(why) => {
+                assert!(
+                    std::env::var(REQUIRE_MOUNT_VAR).as_deref() != Ok("1"),
+                    "{test}: {why} ({REQUIRE_MOUNT_VAR}=1)"
+                );
+                let line = format!("SKIPPED: cannot mount a tmpfs: {why} ({test})\n");
+                let _ = std::io::stderr().write_all(line.as_bytes());
+                None
+            }
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Free 4 KiB blocks on it now.
+    pub fn free_pages(&self) -> u64 {
+        let path =
+            std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: statvfs is plain data for which all-zero bytes are valid.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs writes into `st`, which outlives the call; the path is NUL-terminated.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs: {}", std::io::Error::last_os_error());
+        st.f_bavail * st.f_frsize / 4096
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 reads the NUL-terminated path during the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }

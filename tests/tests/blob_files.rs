@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use coco_tests::sidecar_bin;
+use coco_tests::updaters::listing;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
 
@@ -46,15 +47,6 @@ fn import(dir: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![p("import"), dir, out];
     args.extend(extra.iter().map(|s| p(s)));
     blob(&args)
-}
-
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]

@@ -5,112 +5,22 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use coco_protocol::table::{CertKind, Guid, Table};
 use coco_protocol::{Abi, CertsRet, Frontend};
+use coco_tests::updaters::{
+    blob_cmd, connect_with_ram, old_and_new, output_text as text, staged, wait_for_file,
+    wait_with_deadline, Staged,
+};
 use coco_tests::{exclusive_lock_free, sidecar_bin, GuestMem, HeldLock, Sidecar};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/synthetic");
-const MEM: u64 = 64 * 1024;
-
-fn synth(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(FIXTURES).join(format!("{name}.der"))).expect("fixture")
-}
-
-fn table(kinds: &[(CertKind, &str)]) -> Vec<u8> {
-    let data: Vec<(Guid, Vec<u8>)> = kinds.iter().map(|(k, n)| (k.guid(), synth(n))).collect();
-    let refs: Vec<(Guid, &[u8])> = data.iter().map(|(g, d)| (*g, d.as_slice())).collect();
-    Table::build(&refs).expect("valid").into_bytes()
-}
-
-/// Two different valid blobs: the one served first, and its replacement.
-fn old_and_new() -> (Vec<u8>, Vec<u8>) {
-    let chain = [
-        (CertKind::Ark, "ark"),
-        (CertKind::Ask, "ask"),
-        (CertKind::Vcek, "vcek"),
-    ];
-    let old = table(&chain);
-    let new = table(&[chain[0], chain[1], chain[2], (CertKind::Crl, "crl")]);
-    (old, new)
-}
-
-/// A directory with the served blob (the old table) and a new one to install.
-struct Staged {
-    dir: tempfile::TempDir,
-    old: Vec<u8>,
-    new: Vec<u8>,
-    served: PathBuf,
-    new_path: PathBuf,
-}
-
-fn staged() -> Staged {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (old, new) = old_and_new();
-    let served = dir.path().join("certs.blob");
-    std::fs::write(&served, &old).expect("write");
-    let new_path = dir.path().join("new.blob");
-    std::fs::write(&new_path, &new).expect("write");
-    Staged {
-        dir,
-        old,
-        new,
-        served,
-        new_path,
-    }
-}
-
-fn blob_cmd() -> Command {
-    let mut c = Command::new(sidecar_bin());
-    c.arg("blob");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn wait_for_file(path: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            panic!("blob lock ended early with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("command did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+const MEM: u64 = coco_tests::updaters::MEM;
 
 /// A sidecar serving `served`, a connection with 64 KiB of guest RAM at gpa 0.
 fn serving(served: &Path, extra: &[&str]) -> (Sidecar, Frontend, GuestMem) {
     let sidecar = Sidecar::start(served, extra);
-    let mem = GuestMem::new(MEM, 0xaa);
-    let mut fe = sidecar.connect();
-    fe.set_mem_table(&[mem.region(0)]).expect("memory");
+    let (fe, mem) = connect_with_ram(&sidecar.socket, 0xaa);
     (sidecar, fe, mem)
 }
 

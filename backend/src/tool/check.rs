@@ -306,6 +306,15 @@ pub fn check(bytes: &[u8], opts: &CheckOptions) -> Report {
     };
     let table = match Table::parse(bytes) {
         Ok(t) => Some(t),
+        Err(_) if bytes.starts_with(&crate::blob::INSTALL_MARKER) => {
+            c.add(
+                Level::Error,
+                None,
+                "structure: left half-written by an interrupted `blob install`: run \
+                 `coco-sidecar blob recover` on it (it finishes the install)",
+            );
+            None
+        }
         Err(e) => {
             let kind = guid_kind(&e).map(|k| format!(" ({k})")).unwrap_or_default();
             c.add(

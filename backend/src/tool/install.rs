@@ -2,20 +2,25 @@
 //! lock, so that no sidecar ever reads a torn table and no request that holds a lease sees its
 //! chain change before it reached firmware.
 //!
-//! The rewrite is *in place* (truncate, write, fsync) because the sidecars lock the file they
-//! open: a rename would put a new, unlocked file at the path while leases still hold the old
-//! one. Only a BLOB that does not exist yet is created by renaming a complete temporary file
-//! into place (never replacing anything), so no sidecar ever sees it half written.
+//! The rewrite is *in place* because the sidecars lock the file they open: a rename would put
+//! a new, unlocked file at the path while leases still hold the old one. It is crash-safe: the
+//! new content is journalled beside the blob first and space is reserved before the old
+//! content is touched ([`super::journal`]); an interrupted install is finished by
+//! `blob recover`, which every install runs first. Only a BLOB that does not exist yet is
+//! created by renaming a complete temporary file into place (never replacing anything), so no
+//! sidecar ever sees it half written. A symbolic link at BLOB is refused, not followed.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use coco_protocol::table::{Table, TableError, MAX_TABLE_BYTES};
 use thiserror::Error;
 
 use super::check::{self, CheckOptions, Report};
+use super::journal::{self, JournalError, Recovered};
 use super::locking::{self, LockingError};
 
 /// Permissions of a blob `install` creates: the sidecars may run as another user.
@@ -37,6 +42,10 @@ pub enum InstallError {
     /// The lock was not taken; BLOB is untouched.
     #[error(transparent)]
     Locking(#[from] LockingError),
+    /// The rewrite (or the recovery of an earlier one) did not complete; the message says in
+    /// which state it left BLOB.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     /// Reading NEW, or writing BLOB, failed.
     #[error("{path}: cannot {what}: {source}")]
     Io {
@@ -111,10 +120,11 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> I
 
 /// Replaces the contents of `blob` (already validated bytes), creating it if absent.
 pub fn write_blob(new: &[u8], blob: &Path, wait: Duration) -> Result<Installed, InstallError> {
+    locking::refuse_symlink(blob)?;
     if !blob.exists() && create(new, blob)? {
         return Ok(Installed::Created);
     }
-    let file = locking::lock_exclusive(blob, wait)?;
+    let file = lock_and_recover(blob, wait)?;
     let changed = write_locked(&file, blob, new)?;
     // Dropping the file closes it, which releases the lock.
     drop(file);
@@ -125,8 +135,54 @@ pub fn write_blob(new: &[u8], blob: &Path, wait: Duration) -> Result<Installed, 
     })
 }
 
-/// Rewrites the locked `file` (truncate, write, fsync) unless it already holds `new`.
-/// Returns whether it wrote.
+/// What `blob recover` found and left.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The interrupted install it finished or dropped, if any.
+    pub found: Recovered,
+    /// Leftover temporary files removed.
+    pub removed: usize,
+    /// BLOB now: its size when it is a valid table, or why not.
+    pub valid: Result<usize, TableError>,
+}
+
+/// `blob recover BLOB`: under the exclusive lock, finishes or drops an interrupted install
+/// and removes leftover temporary files, then validates BLOB as the sidecars do.
+pub fn recover(blob: &Path, wait: Duration) -> Result<Recovery, InstallError> {
+    let file = locking::lock_exclusive(blob, wait)?;
+    let (found, removed) = journal::recover(&file, blob)?;
+    let mut bytes = Vec::new();
+    (&file)
+        .take(MAX_TABLE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(blob, "read"))?;
+    Ok(Recovery {
+        found,
+        removed,
+        valid: Table::parse(&bytes).map(|_| bytes.len()),
+    })
+}
+
+/// Takes the exclusive lock on `blob` and recovers from an interrupted install (logged when
+/// there was one), as every updater does before it changes the blob.
+pub fn lock_and_recover(blob: &Path, wait: Duration) -> Result<File, InstallError> {
+    let file = locking::lock_exclusive(blob, wait)?;
+    match journal::recover(&file, blob)? {
+        (Recovered::Clean, _) => {}
+        (Recovered::Finished, _) => log::warn!(
+            "{}: finished the rewrite an interrupted install had started",
+            blob.display()
+        ),
+        (Recovered::Discarded(why), _) => log::warn!(
+            "{}: dropped the journal of an interrupted install: {why}",
+            journal::journal_path(blob).display()
+        ),
+    }
+    Ok(file)
+}
+
+/// Rewrites the locked `file` unless it already holds `new` (crash-safe, see
+/// [`super::journal`]). Returns whether it wrote.
 pub fn write_locked(file: &File, path: &Path, new: &[u8]) -> Result<bool, InstallError> {
     let len = file.metadata().map_err(io_err(path, "stat"))?.len();
     if len == new.len() as u64 {
@@ -137,28 +193,15 @@ pub fn write_locked(file: &File, path: &Path, new: &[u8]) -> Result<bool, Instal
             return Ok(false);
         }
     }
-    file.set_len(0).map_err(io_err(path, "truncate"))?;
-    file.write_all_at(new, 0).map_err(io_err(path, "write"))?;
-    file.sync_all().map_err(io_err(path, "fsync"))?;
+    journal::rewrite(file, path, new)?;
     Ok(true)
 }
 
 /// Creates `blob` from a complete temporary file renamed into place without replacing
 /// anything. `Ok(false)` when someone else created it first.
 fn create(new: &[u8], blob: &Path) -> Result<bool, InstallError> {
-    let dir = match blob.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = blob
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io_err(dir, "create a temporary file in"))?;
+    let dir = journal::directory(blob);
+    let mut tmp = journal::staging_file(blob).map_err(io_err(dir, "create a temporary file in"))?;
     tmp.write_all(new).map_err(io_err(tmp.path(), "write"))?;
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(CREATE_MODE))
@@ -170,8 +213,6 @@ fn create(new: &[u8], blob: &Path) -> Result<bool, InstallError> {
         Err(e) => return Err(io_err(blob, "create")(e.error)),
     }
     // Make the new directory entry durable too.
-    if let Ok(d) = OpenOptions::new().read(true).open(dir) {
-        let _ = d.sync_all();
-    }
+    let _ = journal::sync_directory(dir);
     Ok(true)
 }

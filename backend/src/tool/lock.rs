@@ -4,15 +4,19 @@
 //!
 //! While the lock is held, sidecars answer EAGAIN (guests retry), and no request that holds a
 //! lease is still on its way to firmware, since leases are shared locks. The lock belongs to
-//! this process's open file (close-on-exec, so COMMAND does not inherit it): it is released
-//! when this process exits, however that happens. Termination signals are forwarded to
-//! COMMAND rather than ending this process, so the lock is never dropped while COMMAND still
-//! runs. With `--install NEW`, NEW is validated before locking and written under the same
-//! lock after COMMAND succeeds, so guests never see the old chain with the new firmware state.
+//! the open file description, and COMMAND inherits that description as descriptor
+//! `$COCO_SIDECAR_BLOB_LOCK_FD` ([`LOCK_FD_ENV`]): the lock lasts until the last of this
+//! process, COMMAND and whatever inherited the descriptor from COMMAND has closed it, so it
+//! stays held while COMMAND runs even if this process is killed. Termination signals are
+//! forwarded to COMMAND rather than ending this process. With `--install NEW`, NEW is
+//! validated before locking and written under the same lock after COMMAND succeeds, so guests
+//! never see the old chain with the new firmware state (if this process is killed first, that
+//! install does not happen: run `blob install` then).
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -25,7 +29,11 @@ use thiserror::Error;
 
 use super::exit;
 use super::install::{self, InstallError, InstallOptions, Installed};
-use super::locking::{self, LockingError, LOCK_ENV};
+use super::locking::{LockingError, LOCK_ENV};
+
+/// Environment variable `blob lock` sets for COMMAND: the number of the descriptor through
+/// which COMMAND holds the blob's exclusive lock.
+pub const LOCK_FD_ENV: &str = "COCO_SIDECAR_BLOB_LOCK_FD";
 
 /// Why COMMAND did not run under the lock, or its outcome was not applied.
 #[derive(Debug, Error)]
@@ -117,17 +125,34 @@ pub fn run_locked(
     if let Some((new, what, opts)) = install_new {
         install::validate(new, what, blob, opts)?;
     }
-    let file = locking::lock_exclusive(blob, wait)?;
+    let file = install::lock_and_recover(blob, wait).map_err(|e| match e {
+        InstallError::Locking(e) => LockError::Locking(e),
+        e => LockError::Install(e),
+    })?;
     let name = program.to_string_lossy().into_owned();
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(LockError::Signals)?;
     let handle = signals.handle();
     let locked = std::fs::canonicalize(blob).unwrap_or_else(|_| blob.to_owned());
-    let mut child = match Command::new(program)
+    let fd = file.as_raw_fd();
+    let mut command = Command::new(program);
+    command
         .args(args)
         .env(LOCK_ENV, &locked)
-        .spawn()
-    {
+        .env(LOCK_FD_ENV, fd.to_string());
+    // SAFETY: the closure runs in the child between fork and exec, and only calls fcntl(2),
+    // which is async-signal-safe, on a descriptor the child inherited open.
+    unsafe {
+        command.pre_exec(move || {
+            // Keep the locked file open across exec: COMMAND shares the lock.
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(source) => {
             handle.close();

@@ -1,12 +1,17 @@
 //! The updaters' side of the blob lock: open the blob and take the *exclusive* OFD lock within
 //! a bounded wait (the sidecar takes *shared* ones on its own open files, one per lease), make
 //! sure the locked file is still the one at the path, and say who holds the lock when the wait
-//! runs out.
+//! runs out. The wait is announced ([`ofd::announce_intent`]) so that sidecars stop granting
+//! new leases until it is over.
+//!
+//! A symbolic link at the path is refused, not followed: an updater that wrote through it
+//! would lock and change whatever file it points to now, which need not be the one the
+//! sidecars serve by the time they look.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,20 @@ pub enum LockingError {
         /// Who holds it, as far as the kernel tells.
         holder: Holder,
     },
+    /// The path is a symbolic link.
+    #[error(
+        "{path} is a symbolic link (to {target}); refusing to write through it: give the \
+         blob's real path"
+    )]
+    Symlink {
+        /// The blob path.
+        path: PathBuf,
+        /// Where it points.
+        target: String,
+    },
+    /// Not a regular file.
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
     /// Called inside `blob lock` of the same blob.
     #[error(
         "{0} is held by the enclosing `coco-sidecar blob lock`, which this command would wait \
@@ -74,7 +93,8 @@ impl std::fmt::Display for Holder {
             Holder::Shared => {
                 "a coco-sidecar holds a shared lock: a guest's certificate request has not reached \
                  firmware yet (the lease ends at the VMM's COCO_DONE, or after the sidecar's \
-                 --lease-timeout-ms), or requests keep arriving back to back"
+                 --lease-timeout-ms; sidecars grant no new lease while an updater waits, so a \
+                 wait longer than their --lease-timeout-ms + --lock-wait-ms + 1 s suffices)"
             }
             Holder::Exclusive => {
                 "another updater holds the exclusive lock (a `coco-sidecar blob install` or \
@@ -120,6 +140,52 @@ fn held_by_parent(path: &Path) -> bool {
     same && File::open(path).is_ok_and(|f| holder(&f) == Holder::Exclusive)
 }
 
+/// Refuses a symbolic link at `path` (whatever it points to), clearly.
+pub fn refuse_symlink(path: &Path) -> Result<(), LockingError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(LockingError::Symlink {
+            path: path.to_owned(),
+            target: std::fs::read_link(path)
+                .map_or_else(|_| "?".into(), |t| t.display().to_string()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Opens the regular file at `path` for reading and writing, never through a symbolic link
+/// (`O_NOFOLLOW`) and without blocking on a FIFO (`O_NONBLOCK`, which regular files ignore).
+pub fn open_for_update(path: &Path) -> Result<File, LockingError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(LockingError::Missing(path.to_owned()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            refuse_symlink(path)?;
+            return Err(io_error(path, "open", e));
+        }
+        Err(e) => return Err(io_error(path, "open", e)),
+    };
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(file),
+        Ok(_) => Err(LockingError::NotRegular(path.to_owned())),
+        Err(e) => Err(io_error(path, "stat", e)),
+    }
+}
+
+fn io_error(path: &Path, what: &'static str, source: io::Error) -> LockingError {
+    LockingError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    }
+}
+
 /// Opens `path` read-write (it must exist) and takes the exclusive OFD lock, waiting at most
 /// `wait`. If the path was replaced (renamed over) while we waited, starts again on the new
 /// file, so the lock is always on the file the sidecars open.
@@ -128,21 +194,9 @@ pub fn lock_exclusive(path: &Path, wait: Duration) -> Result<File, LockingError>
         return Err(LockingError::OwnParent(path.to_owned()));
     }
     let start = Instant::now();
-    let io = |what: &'static str| {
-        move |source: io::Error| LockingError::Io {
-            path: path.to_owned(),
-            what,
-            source,
-        }
-    };
+    let io = |what: &'static str| move |source: io::Error| io_error(path, what, source);
     for _ in 0..REPLACED_RETRIES {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(LockingError::Missing(path.to_owned()))
-            }
-            Err(e) => return Err(io("open")(e)),
-        };
+        let file = open_for_update(path)?;
         let left = wait.saturating_sub(start.elapsed());
         if !ofd::lock_within(&file, LockKind::Exclusive, left).map_err(io("lock"))? {
             return Err(LockingError::Timeout {

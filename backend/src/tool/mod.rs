@@ -10,6 +10,7 @@ pub mod cert;
 pub mod check;
 pub mod files;
 pub mod install;
+pub mod journal;
 pub mod lock;
 pub mod locking;
 pub mod show;
@@ -174,6 +175,13 @@ pub enum Command {
         blob: PathBuf,
         /// Lock wait and validation.
         opts: InstallOptions,
+    },
+    /// Finish or roll back an interrupted install, then validate.
+    Recover {
+        /// The blob.
+        blob: PathBuf,
+        /// Longest wait for the exclusive lock.
+        wait: Duration,
     },
     /// Run a command with the exclusive lock held.
     Lock {
@@ -341,6 +349,36 @@ pub fn run(cmd: Command) -> u8 {
                 Err(e) => fail(&e, install_code(&e)),
             }
         }
+        Command::Recover { blob, wait } => match install::recover(&blob, wait) {
+            Ok(r) => {
+                let found = match &r.found {
+                    journal::Recovered::Clean => "no interrupted install".to_owned(),
+                    journal::Recovered::Finished => "finished an interrupted install".to_owned(),
+                    journal::Recovered::Discarded(why) => {
+                        format!("dropped the journal of an interrupted install ({why})")
+                    }
+                };
+                let removed = match r.removed {
+                    0 => String::new(),
+                    n => format!(", removed {n} leftover temporary file(s)"),
+                };
+                match r.valid {
+                    Ok(size) => {
+                        println!("{}: {found}{removed}; valid ({size} bytes)", blob.display());
+                        exit::OK
+                    }
+                    Err(e) => fail(
+                        &format!(
+                            "{}: {found}{removed}; not a valid certificate table: {e} \
+                             (install a good blob)",
+                            blob.display()
+                        ),
+                        exit::INVALID,
+                    ),
+                }
+            }
+            Err(e) => fail(&e, install_code(&e)),
+        },
         Command::Lock {
             blob,
             wait,

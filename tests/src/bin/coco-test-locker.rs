@@ -5,6 +5,10 @@
 //! `locked`, holds it until stdin closes or says anything, then exits 0.
 //! `coco-test-locker try shared|exclusive PATH`: exit 0 if the lock could be taken at once,
 //! 1 if another open file holds a conflicting lock, 2 on error.
+//! `coco-test-locker wait exclusive PATH`: a third-party updater written from fcntl(2) alone:
+//! prints `waiting`, blocks in `F_OFD_SETLKW` for an exclusive lock on the whole file as the
+//! kernel documentation describes (no announcement, no deadline), prints `locked` once it has
+//! it, and holds it until stdin closes or says anything.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -38,6 +42,15 @@ fn main() -> ExitCode {
         }
     };
     match mode.as_str() {
+        "wait" if kind == LockKind::Exclusive => {
+            println!("waiting");
+            let _ = std::io::stdout().flush();
+            if let Err(e) = wait_exclusive(&file) {
+                eprintln!("F_OFD_SETLKW: {e}");
+                return ExitCode::from(2);
+            }
+            hold()
+        }
         "try" => match ofd::try_lock(&file, kind) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
@@ -58,15 +71,41 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            println!("locked");
-            let _ = std::io::stdout().flush();
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
-            ExitCode::SUCCESS
+            hold()
         }
         other => {
             eprintln!("unknown mode {other}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Says `locked`, then holds the lock until stdin closes or says anything.
+fn hold() -> ExitCode {
+    println!("locked");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    ExitCode::SUCCESS
+}
+
+/// Waits in the kernel for an exclusive OFD lock on the whole file.
+fn wait_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock is plain data for which all-zero bytes are valid (l_start 0, l_len 0: the
+    // whole file).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    loop {
+        // SAFETY: F_OFD_SETLKW reads the flock we pass, which outlives the call; the
+        // descriptor is open for as long as `file` is borrowed.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

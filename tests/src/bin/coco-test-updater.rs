@@ -3,8 +3,8 @@
 //! `coco-test-updater inplace|rename BLOB FILE...`: until stdin closes (or says anything),
 //! installs the FILEs' contents in turn at BLOB, then prints `updates N` and exits 0.
 //! - `inplace`: what `coco-sidecar blob install` does (minus validation): open BLOB, take the
-//!   exclusive OFD lock (checking the path still names the locked file), truncate, write, fsync,
-//!   close; the same library code.
+//!   exclusive OFD lock (checking the path still names the locked file), journal the new
+//!   content beside it and rewrite it in place, close; the same library code.
 //! - `rename`: what a careless operator does: write a temporary file next to BLOB and rename it
 //!   over BLOB, with no lock at all.
 
