@@ -307,7 +307,8 @@ pub fn health_as_uid(socket: &Path, uid: u32) -> ExitStatus {
     .expect("run health as another uid")
 }
 
-/// Another process holding an OFD lock until dropped.
+/// Another process (`coco-test-locker`, raw fcntl) holding an OFD lock on the whole file until
+/// dropped.
 #[derive(Debug)]
 pub struct HeldLock {
     child: Child,
@@ -315,7 +316,8 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
-    /// Takes `kind` ("shared" or "exclusive") on `path` in a new process; returns once held.
+    /// Takes `kind` ("shared" or "exclusive") on `path` in a new process, waiting for it in
+    /// `F_OFD_SETLKW` as a third-party updater does; returns once held.
     pub fn take(kind: &str, path: &Path) -> HeldLock {
         let mut child = Command::new(locker_bin())
             .args(["hold", kind])

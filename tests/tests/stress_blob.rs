@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::CertsRet;
-use coco_sidecar::ofd::{self, LockKind};
 use coco_sidecar::tool::install;
 use coco_tests::{table_of_size, workspace_bin, write_blob, GuestMem, Sidecar};
 
@@ -348,14 +347,7 @@ fn a_lease_blocks_the_updater_until_done() {
     let mem = GuestMem::new(RAM, POISON);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[mem.region(0)]).expect("memory");
-    let free = || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&blob)
-            .expect("open");
-        ofd::try_lock(&f, LockKind::Exclusive).expect("lock")
-    };
+    let free = || coco_tests::exclusive_lock_free(&blob);
     let a = vmm
         .request_certs(Abi::SnpReqCerts, 0, GPA, NPAGES)
         .expect("answer");
