@@ -318,6 +318,108 @@ fn a_new_request_of_the_same_vcpu_replaces_its_lease() {
     );
 }
 
+/// `ret` of an answered record, from the offsets of protocol.md 6.3: u32 at 8 (tag 1), u64 at
+/// 16 (tag 2).
+fn ret_at(tag: u32, record: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    match tag {
+        1 => b[..4].copy_from_slice(&record[8..12]),
+        _ => b.copy_from_slice(&record[16..24]),
+    }
+    u64::from_le_bytes(b)
+}
+
+/// DONE of a lease the sidecar no longer holds: refused with ENOENT.
+fn assert_lease_gone(vmm: &mut coco_protocol::Frontend, lease: u64, what: &str) {
+    match vmm.done(lease) {
+        Err(FrontendError::Rejected { errno, .. }) => {
+            assert_eq!(errno, libc::ENOENT as u64, "{what}")
+        }
+        other => panic!("{what}: DONE of a released lease: {other:?}"),
+    }
+}
+
+/// protocol.md 6.2: another COCO_EXIT of a vCPU ends that vCPU's lease whatever the new
+/// request's answer: a non-zero status, EIO, ENOSPC, EAGAIN or success. Each time another
+/// process's fcntl finds the blob's exclusive lock taken while the lease lives and free once
+/// the same vCPU asked again (for success: held by the new lease only).
+#[test]
+fn another_exit_of_the_same_vcpu_ends_its_lease_whatever_the_answer() {
+    let dir = blob_dir();
+    let table = table_of_size(3000, 6);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &["--lease-timeout-ms", "60000"]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
+    let lease_of_vcpu_0 = |vmm: &mut coco_protocol::Frontend, what: &str| {
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+            .expect("request");
+        assert_eq!(r.ret, CertsRet::Ok, "{what}");
+        assert_ne!(r.lease, 0, "{what}");
+        assert!(
+            !exclusive_lock_free(&blob),
+            "{what}: the lease holds the lock"
+        );
+        r.lease
+    };
+    let mut sub_type = coco_protocol::exit::build_request(Abi::CocoRfc, 0x1000, 1);
+    sub_type[0] = 1;
+    let mut gfn_overflow = coco_protocol::exit::build_request(Abi::CocoRfc, 0, 1);
+    gfn_overflow[16..24].copy_from_slice(&(u64::MAX / 16).to_le_bytes());
+    let snp = |gpa, npages| coco_protocol::exit::build_request(Abi::SnpReqCerts, gpa, npages);
+    let (enotsup, einval) = (libc::ENOTSUP as u32, libc::EINVAL as u32);
+    let (eio, enospc) = (libc::EIO as u64, libc::ENOSPC as u64);
+    // (what, ABI tag, record, reply status, ret)
+    let refusals: [(&str, u32, Vec<u8>, u32, u64); 7] = [
+        ("an unknown ABI tag", 9, vec![0; 24], enotsup, 0),
+        ("a COCO sub-type not served", 1, sub_type, enotsup, 0),
+        ("a record of the wrong size", 2, vec![0; 32], einval, 0),
+        ("a gfn whose address overflows", 1, gfn_overflow, 0, eio),
+        ("an unaligned gpa", 2, snp(0x1001, 1), 0, eio),
+        ("a buffer outside guest RAM", 2, snp(16 * RAM, 1), 0, eio),
+        ("an npages = 0 probe", 2, snp(0x1000, 0), 0, enospc),
+    ];
+    for (what, tag, record, status, ret) in refusals {
+        let lease = lease_of_vcpu_0(&mut vmm, what);
+        // Another vCPU's request leaves vCPU 0's lease alone.
+        let other = vmm.forward_exit(tag, 1, &record).expect("exit");
+        assert_eq!(other.status, status, "{what}, vcpu 1");
+        assert!(
+            !exclusive_lock_free(&blob),
+            "{what}: vcpu 1 ends no lease of vcpu 0"
+        );
+        let r = vmm.forward_exit(tag, 0, &record).expect("exit");
+        assert_eq!(r.status, status, "{what}");
+        if status == 0 {
+            assert_eq!(ret_at(tag, &r.record), ret, "{what}");
+        }
+        assert_eq!(r.lease, 0, "{what}");
+        assert!(exclusive_lock_free(&blob), "{what}: vcpu 0's lease ended");
+        assert_lease_gone(&mut vmm, lease, what);
+    }
+
+    // EAGAIN: the blob rewritten invalid in place (no lock: the same file stays locked by
+    // the lease until vCPU 0 asks again).
+    let lease = lease_of_vcpu_0(&mut vmm, "EAGAIN");
+    std::fs::write(&blob, b"not a certificate table").expect("rewrite");
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!((r.ret, r.lease), (CertsRet::Again, 0));
+    assert!(exclusive_lock_free(&blob), "EAGAIN: vcpu 0's lease ended");
+    assert_lease_gone(&mut vmm, lease, "EAGAIN");
+    std::fs::write(&blob, &table).expect("restore");
+
+    // Success: the new lease replaces the old one.
+    let first = lease_of_vcpu_0(&mut vmm, "success");
+    let second = lease_of_vcpu_0(&mut vmm, "success, again");
+    assert_ne!(first, second);
+    assert_lease_gone(&mut vmm, first, "success");
+    assert!(!exclusive_lock_free(&blob), "the new lease holds the lock");
+    vmm.done(second).expect("done");
+    assert!(exclusive_lock_free(&blob));
+}
+
 #[test]
 fn bad_buffers_get_eio_and_no_write() {
     let (_dir, blob, sidecar) = serving(3000, 8, &[]);
