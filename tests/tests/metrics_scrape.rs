@@ -445,9 +445,7 @@ fn lease_timeouts_and_refused_connections_are_counted() {
     );
 
     // A uid outside --allow-uid is closed at once and counted (needs root to be another uid).
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED (the refusal half): not root, cannot connect as another uid");
+    if !coco_tests::root_or_skip("lease_timeouts_and_refused_connections_are_counted") {
         return;
     }
     std::fs::set_permissions(

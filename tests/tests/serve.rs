@@ -1211,22 +1211,11 @@ fn pipelined_messages_keep_their_own_descriptors() {
 /// says so once and checks the path on every request: updates are still seen at once.
 #[test]
 fn without_inotify_every_request_checks_the_path() {
-    let no_inotify = [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "sh",
-        "-c",
-        "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" \"$@\"",
-    ];
-    let probe = std::process::Command::new(no_inotify[0])
-        .args(&no_inotify[1..5])
-        .arg("echo 0 > /proc/sys/user/max_inotify_instances")
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: cannot make a user namespace without inotify instances here");
+    let Some(no_inotify) =
+        coco_tests::without_inotify("without_inotify_every_request_checks_the_path")
+    else {
         return;
-    }
+    };
     let dir = blob_dir();
     let a = table_of_size(3000, 5);
     let b = table_of_size(3000, 6);
