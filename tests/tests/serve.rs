@@ -205,6 +205,40 @@ fn lease_blocks_updaters_until_done() {
     assert_eq!(r.ret, CertsRet::Ok);
 }
 
+/// A blob renamed over (the careless update): new requests lock and serve the new file at
+/// once, while a lease granted before keeps the old file locked until its DONE, as another
+/// process sees through a second name of the old file.
+#[test]
+fn a_renamed_over_blob_keeps_old_leases_on_the_old_file() {
+    let dir = blob_dir();
+    let (a, b) = (table_of_size(3000, 1), table_of_size(3000, 2));
+    let blob = write_blob(dir.path(), "certs.bin", &a);
+    let old_name = dir.path().join("old.bin");
+    std::fs::hard_link(&blob, &old_name).expect("a second name for the old file");
+    let sidecar = Sidecar::start(&blob, &[]);
+    let (mem, mut vmm) = with_ram(&sidecar);
+    let old = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(old.ret, CertsRet::Ok);
+    std::fs::rename(write_blob(dir.path(), "certs.new", &b), &blob).expect("rename over");
+    let new = vmm
+        .request_certs(Abi::SnpReqCerts, 1, 0x2000, 1)
+        .expect("request");
+    assert_eq!(new.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0x2000, b.len()), b, "the new file at once");
+    assert!(
+        !exclusive_lock_free(&blob),
+        "the new lease locks the new file"
+    );
+    assert!(!exclusive_lock_free(&old_name), "the old lease the old one");
+    vmm.done(new.lease).expect("done");
+    assert!(exclusive_lock_free(&blob));
+    assert!(!exclusive_lock_free(&old_name), "until its own DONE");
+    vmm.done(old.lease).expect("done");
+    assert!(exclusive_lock_free(&old_name));
+}
+
 #[test]
 fn lease_released_when_the_client_disconnects() {
     let (_dir, blob, sidecar) = serving(3000, 5, &[]);
