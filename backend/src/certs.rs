@@ -29,6 +29,9 @@ pub fn answer(
         lease: 0,
         ..msg
     };
+    // A vCPU asks again only once its previous request has gone to firmware, so that request's
+    // lease ends here, whatever this one's answer (protocol.md 6.2).
+    leases.release_vcpu(reply.vcpu);
     let Some(abi) = Abi::from_tag(reply.abi) else {
         warn!("vcpu {}: unknown record ABI tag {}", reply.vcpu, reply.abi);
         reply.status = libc::ENOTSUP as u32;
@@ -52,8 +55,6 @@ pub fn answer(
             return reply;
         }
     };
-    // A vCPU asking again has passed its previous request to firmware.
-    leases.release_vcpu(reply.vcpu);
     let (ret, npages, lease) = serve(request, store, ram, leases, eagain, reply.vcpu);
     exit::encode_answer(abi, &mut reply.record, ret, npages);
     reply.lease = lease;

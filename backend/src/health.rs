@@ -241,9 +241,10 @@ mod tests {
         );
         assert!(ok.to_string().starts_with("healthy: "), "{ok}");
 
+        // The documented statuses (README, `health --help`): 2 the blob, 1 the socket.
         std::fs::write(&blob, b"not a table").expect("corrupt");
         let err = check(&opts(socket.clone(), Some(blob.clone()))).expect_err("invalid");
-        assert_eq!(err.exit_code(), EXIT_BLOB);
+        assert_eq!(err.exit_code(), 2);
         assert!(
             err.to_string().contains("not a valid certificate table"),
             "{err}"
@@ -254,12 +255,12 @@ mod tests {
         assert_eq!(ok.blob, Some(BlobState::AbsentServedEmpty));
         let mut strict = opts(socket.clone(), Some(blob));
         strict.missing = MissingCerts::Io;
-        assert_eq!(check(&strict).expect_err("eio").exit_code(), EXIT_BLOB);
+        assert_eq!(check(&strict).expect_err("eio").exit_code(), 2);
 
         stop.trigger();
         serving.join().expect("join").expect("run");
         let err = check(&opts(socket, None)).expect_err("stopped");
-        assert_eq!(err.exit_code(), EXIT_SOCKET);
+        assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().starts_with("cannot connect to "), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

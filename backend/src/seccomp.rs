@@ -282,10 +282,187 @@ fn fault_on_purpose(bus: bool) {
 mod tests {
     use super::*;
 
+    use std::os::unix::process::ExitStatusExt;
+
+    /// Names the one system call a child run of this test binary makes under the filter.
+    const CALL_ENV: &str = "COCO_SECCOMP_TEST_CALL";
+    /// A child's exit status when the filter let its call through.
+    const SURVIVED: i32 = 77;
+
+    /// The calls, and whether docs/hardening.md ("What is allowed") lets them through.
+    const CALLS: &[(&str, bool)] = &[
+        ("getpid", true),
+        ("openat read-only", true),
+        ("openat for writing", false),
+        ("mmap of data", true),
+        ("mmap executable", false),
+        ("process_vm_readv of this process", true),
+        ("process_vm_readv of the parent", false),
+        ("process_vm_writev of this process", false),
+        ("fcntl F_OFD_GETLK", true),
+        ("fcntl F_SETLK", false),
+        ("clone of a thread", true),
+        ("clone of a process", false),
+        ("rt_sigaction SIGSEGV", true),
+        ("rt_sigaction SIGINT", false),
+        ("prctl PR_SET_NAME", true),
+        ("prctl PR_SET_DUMPABLE", false),
+        ("tgkill of this process", true),
+        ("tgkill of the parent", false),
+        ("kill", false),
+        ("socket", false),
+        ("ioctl", false),
+        ("execve", false),
+    ];
+
+    /// The child half of [`the_kernel_enforces_the_documented_rules`], run by it (and only
+    /// by it: ignored otherwise): installs the filter on this thread and makes the call named
+    /// in [`CALL_ENV`]; exits [`SURVIVED`] if the call returned.
     #[test]
-    fn the_filter_compiles_for_this_machine() {
-        let p = program().expect("filter");
-        assert!(p.len() > 50, "a real filter, {} instructions", p.len());
+    #[ignore = "run by the_kernel_enforces_the_documented_rules in a child process"]
+    fn child_makes_one_call_under_the_filter() {
+        let call = std::env::var(CALL_ENV).expect("run by the parent test");
+        let parent = i64::from(std::os::unix::process::parent_id());
+        let page = 4096usize;
+        let mut buf = [0u8; 8];
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: CALL_ENV.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let path = c"/proc/self/stat";
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: setrlimit reads the struct during the call: no core file for the SIGSYS.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        let filter = program().expect("filter");
+        seccompiler::apply_filter(&filter).expect("install on this thread");
+        // SAFETY: each call gets valid arguments: pointers to live locals or static strings,
+        // descriptors it opened; none of them changes memory the test relies on. A call the
+        // filter forbids never runs: the kernel kills the process instead. What an allowed call
+        // returns does not matter, only that the process survives it.
+        let _result = unsafe {
+            let pid = i64::from(libc::getpid());
+            let tid = libc::syscall(libc::SYS_gettid);
+            match call.as_str() {
+                "getpid" => libc::syscall(libc::SYS_getpid),
+                "openat read-only" => libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::O_RDONLY,
+                ),
+                "openat for writing" => libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::O_RDWR,
+                ),
+                "mmap of data" | "mmap executable" => {
+                    let prot = if call == "mmap of data" {
+                        libc::PROT_READ | libc::PROT_WRITE
+                    } else {
+                        libc::PROT_READ | libc::PROT_EXEC
+                    };
+                    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+                    let a = libc::syscall(libc::SYS_mmap, 0, page, prot, flags, -1, 0);
+                    if a == -1 {
+                        -1
+                    } else {
+                        0
+                    }
+                }
+                "process_vm_readv of this process" | "process_vm_readv of the parent" => {
+                    let target = if call.ends_with("parent") {
+                        parent
+                    } else {
+                        pid
+                    };
+                    libc::syscall(libc::SYS_process_vm_readv, target, &local, 1, &remote, 1, 0)
+                }
+                "process_vm_writev of this process" => {
+                    libc::syscall(libc::SYS_process_vm_writev, pid, &local, 1, &local, 1, 0)
+                }
+                "fcntl F_OFD_GETLK" | "fcntl F_SETLK" => {
+                    let fd = libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                        libc::O_RDONLY,
+                    );
+                    let mut fl: libc::flock = std::mem::zeroed();
+                    fl.l_type = libc::F_RDLCK as libc::c_short;
+                    let cmd = if call.ends_with("GETLK") {
+                        libc::F_OFD_GETLK
+                    } else {
+                        libc::F_SETLK
+                    };
+                    libc::syscall(libc::SYS_fcntl, fd, cmd, &mut fl)
+                }
+                // Flags the kernel refuses (EINVAL: CLONE_THREAD without CLONE_SIGHAND), so
+                // that an allowed call creates nothing; the filter looks only at the flags.
+                "clone of a thread" => {
+                    libc::syscall(libc::SYS_clone, libc::CLONE_THREAD, 0, 0, 0, 0)
+                }
+                "clone of a process" => libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+                "rt_sigaction SIGSEGV" | "rt_sigaction SIGINT" => {
+                    let sig = if call.ends_with("SIGSEGV") {
+                        libc::SIGSEGV
+                    } else {
+                        libc::SIGINT
+                    };
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    // A query: no new action.
+                    libc::syscall(libc::SYS_rt_sigaction, sig, 0, &mut old, 8)
+                }
+                "prctl PR_SET_NAME" => {
+                    libc::syscall(libc::SYS_prctl, libc::PR_SET_NAME, c"child".as_ptr())
+                }
+                "prctl PR_SET_DUMPABLE" => libc::syscall(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 0),
+                // Signal 0: only the checks, nothing is sent.
+                "tgkill of this process" => libc::syscall(libc::SYS_tgkill, pid, tid, 0),
+                "tgkill of the parent" => libc::syscall(libc::SYS_tgkill, parent, parent, 0),
+                "kill" => libc::syscall(libc::SYS_kill, pid, 0),
+                "socket" => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+                "ioctl" => libc::syscall(libc::SYS_ioctl, 0, libc::FIONREAD, buf.as_mut_ptr()),
+                "execve" => libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0),
+                other => panic!("unknown call {other}"),
+            }
+        };
+        // SAFETY: _exit ends the process at once (exit_group, which the filter allows).
+        unsafe { libc::_exit(SURVIVED) }
+    }
+
+    /// Each documented rule as the kernel applies it: a child process installs the filter and
+    /// makes one call; an allowed call returns (whatever its result), a forbidden one ends the
+    /// process with SIGSYS.
+    #[test]
+    fn the_kernel_enforces_the_documented_rules() {
+        let exe = std::env::current_exe().expect("test binary");
+        for (call, allowed) in CALLS {
+            let status = std::process::Command::new(&exe)
+                .args([
+                    "seccomp::tests::child_makes_one_call_under_the_filter",
+                    "--exact",
+                    "--ignored",
+                    "--test-threads=1",
+                ])
+                .env(CALL_ENV, call)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run the child");
+            if *allowed {
+                assert_eq!(status.code(), Some(SURVIVED), "{call}: {status:?}");
+            } else {
+                assert_eq!(status.signal(), Some(libc::SIGSYS), "{call}: {status:?}");
+            }
+        }
     }
 
     #[test]

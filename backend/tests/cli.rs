@@ -7,46 +7,97 @@ fn sidecar() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coco-sidecar"))
 }
 
+/// Runs the binary; its exit code (a signal would be `None`) and standard error.
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = sidecar().args(args).output().expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A usage error (unknown option or subcommand, a missing or malformed argument) exits 64,
+/// EX_USAGE, for every subcommand, so that 2 keeps meaning "invalid blob" and 1 "unhealthy
+/// socket" (docs/operations.md, "Exit statuses"; `health --help`).
 #[test]
-fn invalid_options_are_refused_with_a_clear_message() {
-    let out = sidecar()
-        .args([
+fn usage_errors_exit_64_for_every_subcommand() {
+    let cases: &[&[&str]] = &[
+        &["frobnicate"],
+        &["serve", "--socket", "/x", "--certs", "/y", "--frobnicate"],
+        &["serve", "--socket", "/x"],
+        &[
             "serve",
             "--socket",
-            "/nonexistent/s",
-            "--certs",
             "/x",
-            "--lease-timeout-ms",
-            "0",
-        ])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--lease-timeout-ms"), "{err}");
+            "--certs",
+            "/y",
+            "--socket-mode",
+            "999",
+        ],
+        &["health"],
+        &["health", "--socket", "/x", "--frobnicate"],
+        &["health", "--socket", "/x", "--timeout-ms", "0"],
+        &["demo", "extra"],
+        &["blob"],
+        &["blob", "frobnicate"],
+        &["blob", "import", "dir"],
+        &["blob", "export", "b"],
+        &["blob", "show"],
+        &["blob", "check"],
+        &["blob", "install", "new"],
+        &["blob", "lock", "b"],
+        &["blob", "lock", "b", "--wait-ms", "soon", "--", "true"],
+        &["blob", "recover"],
+    ];
+    for args in cases {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+    }
+    // Each subcommand with its arguments complete and one option it does not know.
+    let complete: &[&[&str]] = &[
+        &["blob", "import", "dir", "b", "--frobnicate"],
+        &["blob", "export", "b", "dir", "--frobnicate"],
+        &["blob", "show", "b", "--frobnicate"],
+        &["blob", "check", "b", "--frobnicate"],
+        &["blob", "install", "new", "b", "--frobnicate"],
+        &["blob", "recover", "b", "--frobnicate"],
+        &["blob", "lock", "b", "--frobnicate", "--", "true"],
+    ];
+    for args in complete {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        assert!(err.contains("'--frobnicate'"), "{args:?}: {err}");
+    }
+    assert_eq!(run(&["blob", "--help"]).0, Some(0), "help is not an error");
+}
 
-    let out = sidecar()
-        .args(["serve", "--certs", "/x"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--socket"));
+/// `serve` refuses option values it cannot use before it listens: status 1, naming the
+/// option.
+#[test]
+fn invalid_options_are_refused_with_a_clear_message() {
+    let (code, err) = run(&[
+        "serve",
+        "--socket",
+        "/nonexistent/s",
+        "--certs",
+        "/x",
+        "--lease-timeout-ms",
+        "0",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--lease-timeout-ms"), "{err}");
 }
 
 #[test]
 fn an_unusable_socket_path_is_reported() {
-    let out = sidecar()
-        .args([
-            "serve",
-            "--socket",
-            "/nonexistent-dir/s.sock",
-            "--certs",
-            "/x",
-        ])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = run(&[
+        "serve",
+        "--socket",
+        "/nonexistent-dir/s.sock",
+        "--certs",
+        "/x",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("cannot listen on /nonexistent-dir/s.sock"),
         "{err}"

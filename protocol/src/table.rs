@@ -258,6 +258,20 @@ fn check_der_sequence(data: &[u8]) -> Result<(), &'static str> {
     }
 }
 
+// Steps of the duplicate and overlap checks (a sort key taken, a pair of neighbours compared),
+// counted in tests so that they can see the work grow as n log n, not n squared, without
+// timing anything.
+#[cfg(test)]
+thread_local! {
+    static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[inline]
+fn count_step() {
+    #[cfg(test)]
+    STEPS.with(|s| s.set(s.get() + 1));
+}
+
 impl Table {
     /// Parses and validates `bytes` as a complete table: terminator, bounds, no overlaps, no
     /// zero lengths, no duplicate GUIDs, not both VCEK and VLEK, each known kind one DER
@@ -311,22 +325,28 @@ impl Table {
         // quadratic time to validate. Among intervals sorted by start, any overlap shows
         // between neighbours.
         let mut order: Vec<usize> = (0..entries.len()).collect();
-        order.sort_unstable_by_key(|&i| (entries[i].guid, i));
-        if let Some(w) = order
-            .windows(2)
-            .find(|w| entries[w[0]].guid == entries[w[1]].guid)
-        {
+        order.sort_unstable_by_key(|&i| {
+            count_step();
+            (entries[i].guid, i)
+        });
+        if let Some(w) = order.windows(2).find(|w| {
+            count_step();
+            entries[w[0]].guid == entries[w[1]].guid
+        }) {
             return Err(TableError::Duplicate {
                 first: w[0],
                 second: w[1],
                 guid: entries[w[1]].guid,
             });
         }
-        order.sort_unstable_by_key(|&i| (entries[i].offset, i));
-        if let Some(w) = order
-            .windows(2)
-            .find(|w| entries[w[1]].range().start < entries[w[0]].range().end)
-        {
+        order.sort_unstable_by_key(|&i| {
+            count_step();
+            (entries[i].offset, i)
+        });
+        if let Some(w) = order.windows(2).find(|w| {
+            count_step();
+            entries[w[1]].range().start < entries[w[0]].range().end
+        }) {
             return Err(TableError::Overlap {
                 first: w[0].min(w[1]),
                 second: w[0].max(w[1]),
@@ -597,35 +617,50 @@ mod tests {
         assert!(check_der_sequence(&[0x30, 0x03, 1, 2, 3]).is_ok());
     }
 
-    #[test]
-    fn many_tiny_entries_validate_without_quadratic_time() {
-        // 20,000 one-byte entries of distinct unknown GUIDs: the old pairwise check made
-        // 200 million comparisons here; sorting makes it instant.
-        let guids: Vec<Guid> = (0..20_000u32)
+    /// A valid table of `n` one-byte entries of distinct unknown GUIDs, in scrambled order.
+    fn tiny_entries(n: u32) -> Vec<u8> {
+        let guids: Vec<Guid> = (0..n)
             .map(|i| {
                 let mut g = [0x11u8; 16];
-                g[..4].copy_from_slice(&i.to_be_bytes());
+                // An odd multiplier permutes the u32s: distinct GUIDs, not in order.
+                g[..4].copy_from_slice(&i.wrapping_mul(0x9e37_79b1).to_be_bytes());
                 Guid(g)
             })
             .collect();
         let certs: Vec<(Guid, &[u8])> = guids.iter().map(|g| (*g, &b"x"[..])).collect();
-        let t = Table::build(&certs).expect("valid");
-        assert_eq!(t.entries().len(), 20_000);
-        let mut b = t.into_bytes();
-        // Entry 19,999 now points at entry 5's byte: an overlap far apart in the list.
-        let at = 19_999 * ENTRY_SIZE + 16;
-        let five = u32::from_le_bytes([
-            b[5 * 24 + 16],
-            b[5 * 24 + 17],
-            b[5 * 24 + 18],
-            b[5 * 24 + 19],
-        ]);
-        b[at..at + 4].copy_from_slice(&five.to_le_bytes());
+        Table::build(&certs).expect("valid").into_bytes()
+    }
+
+    /// Steps of the duplicate and overlap checks that validating `bytes` takes.
+    fn steps_to_parse(bytes: &[u8]) -> u64 {
+        STEPS.with(|s| s.set(0));
+        assert!(Table::parse(bytes).is_ok());
+        STEPS.with(|s| s.get())
+    }
+
+    #[test]
+    fn many_tiny_entries_validate_without_quadratic_time() {
+        // From 1,000 to 40,000 entries (the most a 1 MiB table holds), n log n work grows
+        // about 61-fold (40 * log 40,000 / log 1,000), pairwise checks 1,600-fold.
+        let (small, large) = (tiny_entries(1_000), tiny_entries(40_000));
+        assert!(large.len() <= MAX_TABLE_BYTES);
+        let (few, many) = (steps_to_parse(&small), steps_to_parse(&large));
+        assert!(few >= 2 * 1_000, "{few} steps for 1,000 entries");
+        assert!(
+            many < 120 * few,
+            "{many} steps for 40,000 entries against {few} for 1,000"
+        );
+        // An overlap far apart in the list is still found: entry 39,999 points at entry 5's
+        // byte.
+        let mut b = large;
+        let five = &b[5 * ENTRY_SIZE + 16..5 * ENTRY_SIZE + 20].to_vec();
+        let at = 39_999 * ENTRY_SIZE + 16;
+        b[at..at + 4].copy_from_slice(five);
         assert_eq!(
             Table::parse(&b),
             Err(TableError::Overlap {
                 first: 5,
-                second: 19_999
+                second: 39_999
             })
         );
     }

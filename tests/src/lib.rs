@@ -307,7 +307,8 @@ pub fn health_as_uid(socket: &Path, uid: u32) -> ExitStatus {
     .expect("run health as another uid")
 }
 
-/// Another process holding an OFD lock until dropped.
+/// Another process (`coco-test-locker`, raw fcntl) holding an OFD lock on the whole file until
+/// dropped.
 #[derive(Debug)]
 pub struct HeldLock {
     child: Child,
@@ -315,7 +316,8 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
-    /// Takes `kind` ("shared" or "exclusive") on `path` in a new process; returns once held.
+    /// Takes `kind` ("shared" or "exclusive") on `path` in a new process, waiting for it in
+    /// `F_OFD_SETLKW` as a third-party updater does; returns once held.
     pub fn take(kind: &str, path: &Path) -> HeldLock {
         let mut child = Command::new(locker_bin())
             .args(["hold", kind])
@@ -503,11 +505,78 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-/// Set to `1` to turn an impossible tmpfs mount (not root, no CAP_SYS_ADMIN) into a failure
-/// instead of a skip (CI runs as root).
+/// Prints one `SKIPPED:` line for `test` saying `why` (one write to the real standard error,
+/// past the test harness's capture, so that parallel tests cannot split it), or fails instead
+/// when the environment variable `require` is `1`: CI sets each `COCO_REQUIRE_*` where it has
+/// the resource, so that a test it needs cannot pass by skipping.
+pub fn skip_unless_required(require: &str, test: &str, why: &str) {
+    assert!(
+        std::env::var(require).as_deref() != Ok("1"),
+        "{test}: {require}=1 but {why}"
+    );
+    let line = format!("SKIPPED: {why} ({test})\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// Set to `1` to make the tests that mount a small tmpfs or ramfs (root, CAP_SYS_ADMIN) fail
+/// instead of skipping (CI runs as root).
 pub const REQUIRE_MOUNT_VAR: &str = "COCO_REQUIRE_MOUNT";
 
-/// A small tmpfs mounted on a fresh temporary directory, unmounted when dropped.
+/// Set to `1` to make the tests that act as another uid (root) fail instead of skipping.
+pub const REQUIRE_ROOT_VAR: &str = "COCO_REQUIRE_ROOT";
+
+/// Set to `1` to make the tests that run the sidecar in a user namespace without inotify
+/// instances (`unshare --user --map-root-user`) fail instead of skipping.
+pub const REQUIRE_USERNS_VAR: &str = "COCO_REQUIRE_USERNS";
+
+/// Set to `1` to make the tests of guest RAM in huge pages (MFD_HUGETLB memfds, growing the
+/// pool by a page as root) fail instead of skipping.
+pub const REQUIRE_HUGETLB_VAR: &str = "COCO_REQUIRE_HUGETLB";
+
+/// Whether this process is root (and may run a client as another uid); otherwise one
+/// `SKIPPED:` line for `test`, or a failure under [`REQUIRE_ROOT_VAR`].
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        skip_unless_required(
+            REQUIRE_ROOT_VAR,
+            test,
+            "not root, cannot act as another uid",
+        );
+    }
+    root
+}
+
+/// A wrapper for [`Sidecar::start_wrapped`] that runs the sidecar in a new user namespace
+/// whose inotify instances are limited to 0, as when a node's sidecars have used up their
+/// user's `fs.inotify.max_user_instances`: it cannot watch the blob's path. `None` after a
+/// `SKIPPED:` line (or a failure under [`REQUIRE_USERNS_VAR`]) where no such namespace can
+/// be made.
+pub fn without_inotify(test: &str) -> Option<[&'static str; 6]> {
+    let wrapper = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" \"$@\"",
+    ];
+    // The wrapper itself, running `true`.
+    let works = Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        let why = "cannot make a user namespace without inotify instances here";
+        skip_unless_required(REQUIRE_USERNS_VAR, test, why);
+        return None;
+    }
+    Some(wrapper)
+}
+
+/// A small tmpfs (or a ramfs) mounted on a fresh temporary directory, unmounted when dropped.
 #[derive(Debug)]
 pub struct TmpfsMount {
     dir: tempfile::TempDir,
@@ -516,24 +585,29 @@ pub struct TmpfsMount {
 impl TmpfsMount {
     /// Mounts a tmpfs of `bytes` (a multiple of the page size); `Err` says why not.
     pub fn new(bytes: u64) -> Result<TmpfsMount, String> {
+        TmpfsMount::mount(c"tmpfs", &format!("size={bytes},mode=0700"))
+    }
+
+    fn mount(fstype: &std::ffi::CStr, options: &str) -> Result<TmpfsMount, String> {
         use std::ffi::CString;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let target =
             CString::new(dir.path().as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-        let options = CString::new(format!("size={bytes},mode=0700")).map_err(|e| e.to_string())?;
+        let options = CString::new(options).map_err(|e| e.to_string())?;
         // SAFETY: every pointer is a NUL-terminated string that outlives the call.
         let rc = unsafe {
             libc::mount(
                 c"coco-test".as_ptr(),
                 target.as_ptr(),
-                c"tmpfs".as_ptr(),
+                fstype.as_ptr(),
                 0,
                 options.as_ptr().cast(),
             )
         };
         if rc != 0 {
             return Err(format!(
-                "mount -t tmpfs: {}",
+                "mount -t {}: {}",
+                fstype.to_string_lossy(),
                 std::io::Error::last_os_error()
             ));
         }
@@ -543,18 +617,18 @@ impl TmpfsMount {
     /// Mounts one, or prints one `SKIPPED:` line for `test` and returns `None` (a failure
     /// when [`REQUIRE_MOUNT_VAR`] is `1`).
     pub fn or_skip(test: &str, bytes: u64) -> Option<TmpfsMount> {
-        match TmpfsMount::new(bytes) {
-            Ok(m) => Some(m),
-            Err(why) => {
-                assert!(
-                    std::env::var(REQUIRE_MOUNT_VAR).as_deref() != Ok("1"),
-                    "{test}: {why} ({REQUIRE_MOUNT_VAR}=1)"
-                );
-                let line = format!("SKIPPED: cannot mount a tmpfs: {why} ({test})\n");
-                let _ = std::io::stderr().write_all(line.as_bytes());
-                None
-            }
-        }
+        TmpfsMount::new(bytes)
+            .map_err(|why| skip_unless_required(REQUIRE_MOUNT_VAR, test, &why))
+            .ok()
+    }
+
+    /// A ramfs, like [`TmpfsMount::or_skip`]. Its timestamps are coarse (one scheduler tick;
+    /// unlike tmpfs and ext4, no fine-grained stamp after the file was looked at), so
+    /// rewrites made back to back usually leave size and stamps as they were.
+    pub fn ramfs_or_skip(test: &str) -> Option<TmpfsMount> {
+        TmpfsMount::mount(c"ramfs", "mode=0700")
+            .map_err(|why| skip_unless_required(REQUIRE_MOUNT_VAR, test, &why))
+            .ok()
     }
 
     /// The mount point.

@@ -329,3 +329,57 @@ fn opaque_entries_round_trip_as_guid_files() {
         text(&o)
     );
 }
+
+/// The statuses of docs/operations.md, "Exit statuses", that the tests above do not reach:
+/// `show` and `export` 2 for an invalid blob and 3 for a missing one, `import` 3 when it
+/// cannot read its directory or write beside BLOB and 4 when BLOB stays locked (by another
+/// process's fcntl lock) for all of `--wait-ms`. Nothing is written in any of them.
+#[test]
+fn failures_exit_with_the_documented_statuses() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let invalid = r.join("invalid.blob");
+    std::fs::write(&invalid, b"not a certificate table").expect("write");
+    let missing = r.join("missing.blob");
+    let out = r.join("out");
+    for (args, status) in [
+        (vec![p("show"), &invalid], 2),
+        (vec![p("show"), &missing], 3),
+        (vec![p("export"), &invalid, &out], 2),
+        (vec![p("export"), &missing, &out], 3),
+    ] {
+        let o = blob(&args);
+        assert_eq!(o.status.code(), Some(status), "{args:?}: {}", text(&o));
+    }
+    assert!(!out.exists(), "export wrote nothing");
+
+    let src = dir_with(
+        r,
+        "src",
+        &[
+            ("synthetic/ark.der", "ark.der"),
+            ("synthetic/ask.der", "ask.der"),
+            ("synthetic/vcek.der", "vcek.der"),
+        ],
+    );
+    let o = import(&r.join("no-such-dir"), &r.join("a.blob"), &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let o = import(&src, &r.join("no-such-dir").join("a.blob"), &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+
+    let served = r.join("served.blob");
+    let o = import(&src, &served, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let before = std::fs::read(&served).expect("read");
+    let with_crl = dir_with(r, "src", &[("synthetic/crl.der", "crl.der")]);
+    let updater = coco_tests::HeldLock::take("exclusive", &served);
+    let o = import(&with_crl, &served, &["--wait-ms", "100"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("another updater holds the exclusive lock"),
+        "{}",
+        text(&o)
+    );
+    updater.release();
+    assert_eq!(std::fs::read(&served).expect("read"), before, "unchanged");
+}

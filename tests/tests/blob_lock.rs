@@ -3,7 +3,7 @@
 //! install waits for an active lease (or times out saying why); `blob lock` passes COMMAND's
 //! status through and never lets go of the lock while COMMAND runs.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -94,6 +94,28 @@ fn requests_get_eagain_under_blob_lock_and_the_new_blob_after() {
     assert_serves(&mut fe, &mem, &new);
 }
 
+/// Whether process `pid` holds an exclusive OFD lock on the single byte 2^62 of the file with
+/// inode `ino`, the way updaters announce that they wait for the whole file (docs/design.md,
+/// "Updaters first"), as the kernel lists it in `/proc/PID/fdinfo`:
+/// `lock:\t1: OFDLCK ADVISORY  WRITE -1 MAJ:MIN:INODE START END`.
+fn announces_wait(pid: u32, ino: u64) -> bool {
+    let byte = (1u64 << 62).to_string();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    fds.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .flat_map(|info| info.lines().map(str::to_owned).collect::<Vec<_>>())
+        .any(|line| {
+            let t: Vec<&str> = line.split_whitespace().collect();
+            t.first() == Some(&"lock:")
+                && t.get(2) == Some(&"OFDLCK")
+                && t.get(4) == Some(&"WRITE")
+                && t.get(6).is_some_and(|f| f.ends_with(&format!(":{ino}")))
+                && t.get(7) == Some(&byte.as_str())
+                && t.get(8) == Some(&byte.as_str())
+        })
+}
+
 #[test]
 fn install_waits_for_an_active_lease_and_succeeds_after_done() {
     let Staged {
@@ -119,11 +141,22 @@ fn install_waits_for_an_active_lease_and_succeeds_after_done() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn install");
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        install.try_wait().expect("try_wait").is_none(),
-        "install must wait for the lease"
-    );
+    // The kernel's view: install waits with its wait announced on the blob (docs/design.md,
+    // "Updaters first"), and has not finished.
+    let ino = std::fs::metadata(&served).expect("stat").ino();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !announces_wait(install.id(), ino) {
+        assert!(
+            install.try_wait().expect("try_wait").is_none(),
+            "install ended instead of waiting for the lease"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "install never waited on the lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(install.try_wait().expect("try_wait").is_none());
     assert_eq!(std::fs::read(&served).expect("read"), old);
 
     let done_at = Instant::now();
@@ -254,6 +287,11 @@ fn blob_lock_passes_status_signals_and_failures_through() {
         "{}",
         text(&out)
     );
+    let not_executable = dir.path().join("not-executable.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").expect("write");
+    let out = lock(&[], &[not_executable.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out));
+    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
 
     // COMMAND sees which blob is locked; an install of it inside fails at once.
     let out = lock(&[], &["sh", "-c", "test -n \"$COCO_SIDECAR_BLOB_LOCKED\""]);
@@ -296,6 +334,14 @@ fn blob_lock_passes_status_signals_and_failures_through() {
     assert_eq!(out.status.code(), Some(124), "{}", text(&out));
     assert!(text(&out).contains("another updater"), "{}", text(&out));
     assert!(!marker.exists());
+    // `blob recover` waits for the same lock: 4 once --wait-ms is over.
+    let out = blob_cmd()
+        .arg("recover")
+        .arg(&served)
+        .args(["--wait-ms", "100"])
+        .output()
+        .expect("blob recover");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     other.release();
 
     // A missing blob is an error, not a lock on a new empty file.

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use coco_tests::{table_of_size, write_blob};
-use deploy_support::{bin, command_with_fd, health, raw, serve_one_request, skipped, Proc};
+use deploy_support::{bin, command_with_fd, health, raw, serve_one_request, Proc};
 
 fn mode_of(p: &Path) -> u32 {
     std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
@@ -224,9 +224,7 @@ fn the_socket_is_created_with_the_configured_mode() {
 /// keeps it out before that. Needs root to run a client as another user.
 #[test]
 fn peers_are_checked_against_the_allowed_uids() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        skipped("--allow-uid test needs root to run a client as another uid");
+    if !coco_tests::root_or_skip("peers_are_checked_against_the_allowed_uids") {
         return;
     }
     const OTHER: u32 = 65534;

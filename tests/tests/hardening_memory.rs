@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::{CertsRet, MemoryRegion};
-use coco_tests::{table_of_size, write_blob, GuestMem, Sidecar};
+use coco_tests::{
+    skip_unless_required, table_of_size, write_blob, GuestMem, Sidecar, TmpfsMount,
+    REQUIRE_HUGETLB_VAR,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -94,8 +97,9 @@ fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Res
 
 #[test]
 fn hugetlb_memory_without_free_huge_pages_gets_eagain_and_with_them_the_table() {
+    let test = "hugetlb_memory_without_free_huge_pages_gets_eagain_and_with_them_the_table";
     let Some(probe) = memfd(2 * MIB, libc::MFD_HUGETLB) else {
-        println!("SKIPPED: this kernel has no MFD_HUGETLB");
+        skip_unless_required(REQUIRE_HUGETLB_VAR, test, "this kernel has no MFD_HUGETLB");
         return;
     };
     drop(probe);
@@ -150,7 +154,8 @@ fn hugetlb_memory_without_free_huge_pages_gets_eagain_and_with_them_the_table() 
     drop(hog);
     let _grown = (meminfo("HugePages_Free") == 0).then(|| PoolGrowth::by(1));
     if meminfo("HugePages_Free") == 0 && sysctl("nr_overcommit_hugepages") == 0 {
-        println!("SKIPPED (the half with a free huge page): cannot grow the pool (not root?)");
+        let why = "the half with a free huge page: cannot grow the pool (not root?)";
+        skip_unless_required(REQUIRE_HUGETLB_VAR, test, why);
     } else {
         let ram = memfd(2 * page, libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING).expect("memfd");
         let mut vmm = sidecar.connect();
@@ -168,45 +173,16 @@ fn hugetlb_memory_without_free_huge_pages_gets_eagain_and_with_them_the_table() 
     }
 }
 
-/// A tmpfs of `size` bytes mounted on `dir` until dropped (root only).
-struct Tmpfs(std::ffi::CString);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: u64) -> Option<Tmpfs> {
-        let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-        let data = std::ffi::CString::new(format!("size={size}")).ok()?;
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"coco-test".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        (rc == 0).then_some(Tmpfs(target))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // SAFETY: a NUL-terminated path; a lazy unmount, since the sidecar may still hold a file.
-        unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
 #[test]
 fn a_sparse_file_on_a_full_tmpfs_gets_eagain_until_space_is_free() {
     let dir = tempfile::tempdir().expect("tempdir");
     let table = table_of_size(3000, 2);
     let mut sidecar = sidecar(dir.path(), &table);
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let Some(_tmpfs) = Tmpfs::mount(&mnt, 256 * 1024) else {
-        println!("SKIPPED: cannot mount a tmpfs (not root?)");
+    let test = "a_sparse_file_on_a_full_tmpfs_gets_eagain_until_space_is_free";
+    let Some(tmpfs) = TmpfsMount::or_skip(test, 256 * 1024) else {
         return;
     };
+    let mnt = tmpfs.path();
     // Guest RAM: 1 MiB, sparse, unsealed, on a 256 KiB tmpfs that the filler then fills.
     let ram = std::fs::OpenOptions::new()
         .read(true)

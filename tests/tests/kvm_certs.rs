@@ -12,6 +12,7 @@
 mod kvm;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -621,6 +622,66 @@ both_abis!(two_vcpus_own_connections:
 both_abis!(two_vcpus_one_connection:
     kvm_two_vcpus_at_once_one_connection_seed_rfc => KernelAbi::SeedRfc,
     kvm_two_vcpus_at_once_one_connection_linux70 => KernelAbi::Linux70);
+
+// ---- a stray signal interrupts KVM_RUN ----
+
+/// Before each exit is forwarded, sends the vCPU's kick signal to its own thread, where it
+/// stays pending (the thread blocks it outside KVM_RUN) for the next KVM_RUN.
+#[derive(Default)]
+struct Kicker {
+    sent: AtomicU32,
+}
+
+impl Observer for Kicker {
+    fn forwarding(&self, _vcpu: u32, _record: &[u8]) {
+        // SAFETY: tgkill with this process's and this thread's ids, no pointers.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::gettid(),
+                libc::SIGUSR1,
+            )
+        };
+        assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A signal pending when the VMM enters KVM_RUN makes it return -EINTR without running the
+/// guest; the VMM enters again and the guest carries on unharmed: the probe, the sized
+/// request with its lease and DONE, the table it walks. Each signal costs exactly one
+/// -EINTR, so every one of them was followed by a new KVM_RUN.
+fn stray_signal(abi: KernelAbi, test: &str) {
+    let Some(mut rig) = Rig::new(test, 5000, &[]) else {
+        return;
+    };
+    rig.vmm.kick_signal = Some(libc::SIGUSR1);
+    let ch = rig.channel(abi);
+    let kicker = Kicker::default();
+    let out = rig.run(&[spec(0, abi, 0, &ch)], &kicker);
+    let v = &out[0];
+    assert_eq!(
+        v.exits.len(),
+        2,
+        "probe, then the sized request: {:?}",
+        v.exits
+    );
+    assert_exit(abi, &v.exits[0], BUFFERS[0], 0, ENOSPC, Some(2));
+    assert_exit(abi, &v.exits[1], BUFFERS[0], 2, 0, None);
+    rig.assert_served(0, v);
+    rig.assert_ram_exactly(&[0]);
+    assert_eq!(kicker.sent.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        v.interrupted, 2,
+        "one -EINTR per signal, each entered again"
+    );
+    assert!(rig.lock_free(), "DONE released the lease");
+}
+
+both_abis!(stray_signal:
+    kvm_stray_signal_interrupts_kvm_run_and_the_vmm_enters_again_seed_rfc => KernelAbi::SeedRfc,
+    kvm_stray_signal_interrupts_kvm_run_and_the_vmm_enters_again_linux70 => KernelAbi::Linux70);
 
 // ---- no KVM needed: the hand-laid records agree with the protocol crate ----
 

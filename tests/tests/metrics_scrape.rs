@@ -312,6 +312,31 @@ fn metrics_move_with_requests_leases_blob_and_connections() {
         "DONE releases the lease"
     );
 
+    // Records returned unanswered (protocol.md 6.2) are counted by status, not as requests.
+    let unanswered = |s: &Scraped, status: &str| {
+        s.value("coco_sidecar_exits_unanswered_total", &[("status", status)])
+    };
+    assert_eq!(
+        (unanswered(&m1, "enotsup"), unanswered(&m1, "einval")),
+        (0.0, 0.0)
+    );
+    let mut sub_type = coco_protocol::exit::build_request(Abi::CocoRfc, 0x1000, 1);
+    sub_type[0] = 1;
+    for (tag, record, status) in [
+        (9, vec![0u8; 24], libc::ENOTSUP),
+        (1, sub_type, libc::ENOTSUP),
+        (2, vec![0u8; 32], libc::EINVAL),
+    ] {
+        let r = vmm.forward_exit(tag, 7, &record).expect("exit");
+        assert_eq!(r.status, status as u32);
+    }
+    let m = scrape(addr);
+    assert_eq!(
+        (unanswered(&m, "enotsup"), unanswered(&m, "einval")),
+        (2.0, 1.0)
+    );
+    assert_eq!(m.all_requests(), m1.all_requests(), "no request answered");
+
     // An updater holds the lock past --lock-wait-ms: EAGAIN after a wait of at least 100 ms.
     let updater = HeldLock::take("exclusive", &blob);
     let busy = vmm
@@ -445,9 +470,7 @@ fn lease_timeouts_and_refused_connections_are_counted() {
     );
 
     // A uid outside --allow-uid is closed at once and counted (needs root to be another uid).
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED (the refusal half): not root, cannot connect as another uid");
+    if !coco_tests::root_or_skip("lease_timeouts_and_refused_connections_are_counted") {
         return;
     }
     std::fs::set_permissions(
@@ -463,16 +486,49 @@ fn lease_timeouts_and_refused_connections_are_counted() {
     assert!(sidecar.log().contains("uid 65534"), "{}", sidecar.log());
 }
 
+/// TCP ports on which process `pid` listens, as the kernel lists them: its socket descriptors
+/// (`/proc/PID/fd`) matched by inode with the LISTEN (`0A`) rows of its network namespace's
+/// `/proc/PID/net/tcp` and `tcp6`.
+fn listening_tcp_ports(pid: u32) -> Vec<u16> {
+    let sockets: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd list")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+        for row in text.lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && sockets.contains(f[9]) {
+                let port = f[1].rsplit(':').next().expect("address:port");
+                ports.push(u16::from_str_radix(port, 16).expect("hex port"));
+            }
+        }
+    }
+    ports
+}
+
+/// Without `--metrics` the sidecar listens on no TCP port at all; with it, on exactly the one
+/// it logs (which shows that the kernel's tables are read right).
 #[test]
 fn no_endpoint_without_the_option() {
     let dir = tempfile::tempdir().expect("tempdir");
     let blob = write_blob(dir.path(), "certs.bin", &table_of_size(3000, 3));
-    let sidecar = Sidecar::start(&blob, &[]);
-    let _ = sidecar.connect();
+    let with = Sidecar::start(&blob, &["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&with);
+    assert_eq!(listening_tcp_ports(with.pid()), [addr.port()]);
+    let without = Sidecar::start(&blob, &[]);
+    let _ = without.connect();
+    assert_eq!(listening_tcp_ports(without.pid()), Vec::<u16>::new());
     assert!(
-        !sidecar.log().contains("metrics on"),
+        !without.log().contains("metrics on"),
         "metrics are off by default:\n{}",
-        sidecar.log()
+        without.log()
     );
 }
 

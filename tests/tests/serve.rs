@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::transport::{self, send_bytes};
-use coco_protocol::wire::{self, Header, RegionDesc, Request, HEADER_SIZE};
+use coco_protocol::wire::{self, ExitMsg, Header, RegionDesc, Request, HEADER_SIZE};
 use coco_protocol::{CertsRet, FrontendError};
 use coco_tests::{
     exclusive_lock_free, http_get, metrics_addr, table_of_size, write_blob, GuestMem, HeldLock,
@@ -205,6 +205,40 @@ fn lease_blocks_updaters_until_done() {
     assert_eq!(r.ret, CertsRet::Ok);
 }
 
+/// A blob renamed over (the careless update): new requests lock and serve the new file at
+/// once, while a lease granted before keeps the old file locked until its DONE, as another
+/// process sees through a second name of the old file.
+#[test]
+fn a_renamed_over_blob_keeps_old_leases_on_the_old_file() {
+    let dir = blob_dir();
+    let (a, b) = (table_of_size(3000, 1), table_of_size(3000, 2));
+    let blob = write_blob(dir.path(), "certs.bin", &a);
+    let old_name = dir.path().join("old.bin");
+    std::fs::hard_link(&blob, &old_name).expect("a second name for the old file");
+    let sidecar = Sidecar::start(&blob, &[]);
+    let (mem, mut vmm) = with_ram(&sidecar);
+    let old = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(old.ret, CertsRet::Ok);
+    std::fs::rename(write_blob(dir.path(), "certs.new", &b), &blob).expect("rename over");
+    let new = vmm
+        .request_certs(Abi::SnpReqCerts, 1, 0x2000, 1)
+        .expect("request");
+    assert_eq!(new.ret, CertsRet::Ok);
+    assert_eq!(mem.read(0x2000, b.len()), b, "the new file at once");
+    assert!(
+        !exclusive_lock_free(&blob),
+        "the new lease locks the new file"
+    );
+    assert!(!exclusive_lock_free(&old_name), "the old lease the old one");
+    vmm.done(new.lease).expect("done");
+    assert!(exclusive_lock_free(&blob));
+    assert!(!exclusive_lock_free(&old_name), "until its own DONE");
+    vmm.done(old.lease).expect("done");
+    assert!(exclusive_lock_free(&old_name));
+}
+
 #[test]
 fn lease_released_when_the_client_disconnects() {
     let (_dir, blob, sidecar) = serving(3000, 5, &[]);
@@ -220,37 +254,68 @@ fn lease_released_when_the_client_disconnects() {
     });
 }
 
+/// COCO_GET_CAPS read off the socket byte for byte and compared with the layout of
+/// protocol.md 6.1 written out by hand, with and without COCO_LOCK_WAIT (bit 49) negotiated.
 #[test]
 fn lock_wait_is_announced_only_to_a_frontend_that_negotiated_it() {
     use std::io::Read;
-    let (_dir, _blob, sidecar) = serving(3000, 7, &["--lock-wait-ms", "250"]);
+    let (_dir, _blob, sidecar) = serving(
+        3000,
+        7,
+        &[
+            "--lock-wait-ms",
+            "250",
+            "--max-leases",
+            "5",
+            "--lease-timeout-ms",
+            "4660",
+        ],
+    );
 
     // The Rust client acknowledges every feature offered, this one included.
     let mut vmm = sidecar.connect();
     assert_eq!(vmm.protocol_features() & (1 << 49), 1 << 49);
     assert_eq!(vmm.caps().expect("caps").lock_wait_ms, 250);
 
-    // A frontend that does not know bit 49 gets the reserved bytes as zero.
-    let raw = sidecar.raw();
-    let features: u64 = 0x8 | 0x8000 | (1 << 48);
-    let mut msg = header(Request::SetProtocolFeatures as u32, 1, 8);
-    msg.extend_from_slice(&features.to_le_bytes());
-    msg.extend_from_slice(&header(Request::CocoGetCaps as u32, 1, 0));
-    send_bytes(&raw, &msg, &[]).expect("send");
-    raw.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut reply = [0u8; HEADER_SIZE + 32];
-    (&raw).read_exact(&mut reply).expect("caps reply");
+    let caps_bytes = |features: u64| {
+        let raw = sidecar.raw();
+        let mut msg = header(Request::SetProtocolFeatures as u32, 1, 8);
+        msg.extend_from_slice(&features.to_le_bytes());
+        msg.extend_from_slice(&header(Request::CocoGetCaps as u32, 1, 0));
+        send_bytes(&raw, &msg, &[]).expect("send");
+        raw.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut reply = [0u8; HEADER_SIZE + 32];
+        (&raw).read_exact(&mut reply).expect("caps reply");
+        // COCO_GET_CAPS (0x43430001) echoed, flags version 1 | REPLY, size 32.
+        assert_eq!(
+            reply[..HEADER_SIZE],
+            [1, 0, 0x43, 0x43, 5, 0, 0, 0, 32, 0, 0, 0]
+        );
+        reply[HEADER_SIZE..].to_vec()
+    };
+    let expected = |lock_wait: [u8; 4]| {
+        [
+            &[6, 0, 0, 0, 0, 0, 0, 0][..], // abis: tags 1 and 2
+            &[1, 0, 0, 0, 0, 0, 0, 0],     // coco_subtypes: REQ_CERTS
+            &[5, 0, 0, 0],                 // max_leases
+            &[0x34, 0x12, 0, 0],           // lease_timeout_ms 4660
+            &lock_wait,                    // lock_wait_ms, or reserved
+            &[0, 0, 0, 0],                 // reserved
+        ]
+        .concat()
+    };
+    let (reply_ack, mem_slots, coco, lock_wait) = (0x8u64, 0x8000u64, 1u64 << 48, 1u64 << 49);
     assert_eq!(
-        reply[..HEADER_SIZE],
-        header(Request::CocoGetCaps as u32, 5, 32)[..]
+        caps_bytes(reply_ack | mem_slots | coco),
+        expected([0; 4]),
+        "without bit 49, bytes 24-27 stay reserved"
     );
     assert_eq!(
-        reply[HEADER_SIZE + 24..],
-        [0u8; 8],
-        "bytes 24-31 stay reserved"
+        caps_bytes(reply_ack | mem_slots | coco | lock_wait),
+        expected([250, 0, 0, 0]),
+        "with bit 49, the lock wait"
     );
-    assert_eq!(reply[HEADER_SIZE..HEADER_SIZE + 8], 6u64.to_le_bytes());
 }
 
 #[test]
@@ -318,6 +383,108 @@ fn a_new_request_of_the_same_vcpu_replaces_its_lease() {
     );
 }
 
+/// `ret` of an answered record, from the offsets of protocol.md 6.3: u32 at 8 (tag 1), u64 at
+/// 16 (tag 2).
+fn ret_at(tag: u32, record: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    match tag {
+        1 => b[..4].copy_from_slice(&record[8..12]),
+        _ => b.copy_from_slice(&record[16..24]),
+    }
+    u64::from_le_bytes(b)
+}
+
+/// DONE of a lease the sidecar no longer holds: refused with ENOENT.
+fn assert_lease_gone(vmm: &mut coco_protocol::Frontend, lease: u64, what: &str) {
+    match vmm.done(lease) {
+        Err(FrontendError::Rejected { errno, .. }) => {
+            assert_eq!(errno, libc::ENOENT as u64, "{what}")
+        }
+        other => panic!("{what}: DONE of a released lease: {other:?}"),
+    }
+}
+
+/// protocol.md 6.2: another COCO_EXIT of a vCPU ends that vCPU's lease whatever the new
+/// request's answer: a non-zero status, EIO, ENOSPC, EAGAIN or success. Each time another
+/// process's fcntl finds the blob's exclusive lock taken while the lease lives and free once
+/// the same vCPU asked again (for success: held by the new lease only).
+#[test]
+fn another_exit_of_the_same_vcpu_ends_its_lease_whatever_the_answer() {
+    let dir = blob_dir();
+    let table = table_of_size(3000, 6);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &["--lease-timeout-ms", "60000"]);
+    let (_mem, mut vmm) = with_ram(&sidecar);
+    let lease_of_vcpu_0 = |vmm: &mut coco_protocol::Frontend, what: &str| {
+        let r = vmm
+            .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+            .expect("request");
+        assert_eq!(r.ret, CertsRet::Ok, "{what}");
+        assert_ne!(r.lease, 0, "{what}");
+        assert!(
+            !exclusive_lock_free(&blob),
+            "{what}: the lease holds the lock"
+        );
+        r.lease
+    };
+    let mut sub_type = coco_protocol::exit::build_request(Abi::CocoRfc, 0x1000, 1);
+    sub_type[0] = 1;
+    let mut gfn_overflow = coco_protocol::exit::build_request(Abi::CocoRfc, 0, 1);
+    gfn_overflow[16..24].copy_from_slice(&(u64::MAX / 16).to_le_bytes());
+    let snp = |gpa, npages| coco_protocol::exit::build_request(Abi::SnpReqCerts, gpa, npages);
+    let (enotsup, einval) = (libc::ENOTSUP as u32, libc::EINVAL as u32);
+    let (eio, enospc) = (libc::EIO as u64, libc::ENOSPC as u64);
+    // (what, ABI tag, record, reply status, ret)
+    let refusals: [(&str, u32, Vec<u8>, u32, u64); 7] = [
+        ("an unknown ABI tag", 9, vec![0; 24], enotsup, 0),
+        ("a COCO sub-type not served", 1, sub_type, enotsup, 0),
+        ("a record of the wrong size", 2, vec![0; 32], einval, 0),
+        ("a gfn whose address overflows", 1, gfn_overflow, 0, eio),
+        ("an unaligned gpa", 2, snp(0x1001, 1), 0, eio),
+        ("a buffer outside guest RAM", 2, snp(16 * RAM, 1), 0, eio),
+        ("an npages = 0 probe", 2, snp(0x1000, 0), 0, enospc),
+    ];
+    for (what, tag, record, status, ret) in refusals {
+        let lease = lease_of_vcpu_0(&mut vmm, what);
+        // Another vCPU's request leaves vCPU 0's lease alone.
+        let other = vmm.forward_exit(tag, 1, &record).expect("exit");
+        assert_eq!(other.status, status, "{what}, vcpu 1");
+        assert!(
+            !exclusive_lock_free(&blob),
+            "{what}: vcpu 1 ends no lease of vcpu 0"
+        );
+        let r = vmm.forward_exit(tag, 0, &record).expect("exit");
+        assert_eq!(r.status, status, "{what}");
+        if status == 0 {
+            assert_eq!(ret_at(tag, &r.record), ret, "{what}");
+        }
+        assert_eq!(r.lease, 0, "{what}");
+        assert!(exclusive_lock_free(&blob), "{what}: vcpu 0's lease ended");
+        assert_lease_gone(&mut vmm, lease, what);
+    }
+
+    // EAGAIN: the blob rewritten invalid in place (no lock: the same file stays locked by
+    // the lease until vCPU 0 asks again).
+    let lease = lease_of_vcpu_0(&mut vmm, "EAGAIN");
+    std::fs::write(&blob, b"not a certificate table").expect("rewrite");
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!((r.ret, r.lease), (CertsRet::Again, 0));
+    assert!(exclusive_lock_free(&blob), "EAGAIN: vcpu 0's lease ended");
+    assert_lease_gone(&mut vmm, lease, "EAGAIN");
+    std::fs::write(&blob, &table).expect("restore");
+
+    // Success: the new lease replaces the old one.
+    let first = lease_of_vcpu_0(&mut vmm, "success");
+    let second = lease_of_vcpu_0(&mut vmm, "success, again");
+    assert_ne!(first, second);
+    assert_lease_gone(&mut vmm, first, "success");
+    assert!(!exclusive_lock_free(&blob), "the new lease holds the lock");
+    vmm.done(second).expect("done");
+    assert!(exclusive_lock_free(&blob));
+}
+
 #[test]
 fn bad_buffers_get_eio_and_no_write() {
     let (_dir, blob, sidecar) = serving(3000, 8, &[]);
@@ -363,6 +530,104 @@ fn bad_buffers_get_eio_and_no_write() {
     assert_untouched(&low);
     assert_untouched(&high);
     assert!(exclusive_lock_free(&blob), "no lease for a failed request");
+}
+
+/// protocol.md 6.4 checks in order: the buffer's alignment (1) before the leases (2), the
+/// blob (3) before the size (4), the size before guest RAM (5). So an `npages = 0` probe at
+/// an address that is not RAM learns the size, and one while an updater holds the lock gets
+/// EAGAIN.
+#[test]
+fn answers_follow_the_documented_check_order() {
+    let (_dir, blob, sidecar) = serving(5000, 3, &["--max-leases", "1", "--lock-wait-ms", "20"]);
+    let mut vmm = sidecar.connect();
+    // No memory at all: 4 comes before 5.
+    for abi in Abi::ALL {
+        for (gpa, npages) in [(0x1000, 0), (64 * RAM, 1)] {
+            let r = vmm.request_certs(abi, 0, gpa, npages).expect("probe");
+            assert_eq!(
+                (r.ret, r.npages, r.lease),
+                (CertsRet::NoSpace, 2, 0),
+                "{abi:?}: {npages} pages at {gpa:#x}, no RAM"
+            );
+        }
+    }
+    let (mem, mut vmm) = with_ram(&sidecar);
+    let held = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 2)
+        .expect("request");
+    assert_eq!(held.ret, CertsRet::Ok);
+    let written = mem.read(0, RAM as usize);
+    // The one lease is vcpu 0's: vcpu 1 gets EAGAIN (2), unless its buffer is unaligned (1).
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 1, 0x1000, 2)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Again, "no room for a lease");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 1, 0x1800, 0)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Io, "unaligned: 1 before 2");
+    vmm.done(held.lease).expect("done");
+    // An updater holds the lock: 3 before 4.
+    let updater = HeldLock::take("exclusive", &blob);
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 1, 0x1000, 0)
+        .expect("request");
+    assert_eq!(
+        (r.ret, r.npages),
+        (CertsRet::Again, 0),
+        "locked: 3 before 4"
+    );
+    updater.release();
+    let r = vmm
+        .request_certs(Abi::CocoRfc, 1, 0x1000, 0)
+        .expect("request");
+    assert_eq!((r.ret, r.npages), (CertsRet::NoSpace, 2));
+    assert!(
+        mem.read(0, RAM as usize) == written,
+        "no refused request wrote"
+    );
+}
+
+/// An updater that lets go within `--lock-wait-ms` costs the request a wait, not EAGAIN: the
+/// request sent while another process held the exclusive lock is answered only after it let
+/// go, and with the table.
+#[test]
+fn a_lock_released_within_the_lock_wait_is_success_not_eagain() {
+    let dir = blob_dir();
+    let table = table_of_size(3000, 4);
+    let blob = write_blob(dir.path(), "certs.bin", &table);
+    let sidecar = Sidecar::start(&blob, &["--lock-wait-ms", "5000"]);
+    let (mem, vmm) = with_ram(&sidecar);
+    let updater = HeldLock::take("exclusive", &blob);
+    let request = ExitMsg {
+        abi: Abi::SnpReqCerts.tag(),
+        vcpu: 0,
+        status: 0,
+        lease: 0,
+        record: coco_protocol::exit::build_request(Abi::SnpReqCerts, 0x1000, 1),
+    }
+    .encode();
+    let h = Header::request(Request::CocoExit, request.len(), false);
+    transport::send_message(vmm.stream(), &h, &request, &[]).expect("send");
+    thread::sleep(Duration::from_millis(300));
+    let mut pending = [libc::pollfd {
+        fd: vmm.stream().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll reads and writes the one pollfd, which outlives the call.
+    let ready = unsafe { libc::poll(pending.as_mut_ptr(), 1, 0) };
+    assert_eq!(ready, 0, "no answer while the updater holds the lock");
+    updater.release();
+    let reply = transport::MessageReader::new()
+        .recv(vmm.stream())
+        .expect("reply")
+        .expect("not closed");
+    let reply = ExitMsg::decode(&reply.payload).expect("exit reply");
+    assert_eq!(reply.status, 0);
+    assert_eq!(ret_at(reply.abi, &reply.record), 0, "success, not EAGAIN");
+    assert_ne!(reply.lease, 0);
+    assert_eq!(mem.read(0x1000, table.len()), table);
 }
 
 #[test]
@@ -677,6 +942,150 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
     assert_eq!(transport::drain(raw_vmm.stream()).expect("closed"), 0);
 }
 
+/// The sidecar's open descriptors whose target `/proc` names `name` (a memfd shows as
+/// `/memfd:NAME (deleted)`): the kernel's view of what it keeps.
+fn descriptors_named(pid: u32, name: &str) -> usize {
+    let want = format!("/memfd:{name} ");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd list")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with(&want))
+        .count()
+}
+
+fn named_memfd(name: &str, size: u64) -> memfd::Memfd {
+    let m = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create(name)
+        .expect("memfd");
+    m.as_file().set_len(size).expect("size");
+    m
+}
+
+/// The refusals of protocol.md 5.4 not shown above: each alignment and overflow rule, an
+/// overlap inside one SET_MEM_TABLE, F_SEAL_WRITE; a refused SET_MEM_TABLE changes nothing
+/// (all or nothing); REM_MEM_REG closes a descriptor sent with it unused.
+#[test]
+fn every_region_rule_of_section_5_4_refuses_and_changes_nothing() {
+    let (_dir, blob, sidecar) = serving(3000, 2, &[]);
+    let table = std::fs::read(&blob).expect("blob");
+    let a = GuestMem::new(RAM, CANARY);
+    let b = GuestMem::new(4 * RAM, CANARY);
+    let mut vmm = sidecar.connect();
+    vmm.set_mem_table(&[a.region(0)]).expect("a at 0");
+    let rejected = |r: Result<(), FrontendError>| match r {
+        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let at = |gpa: u64, size: u64, offset: u64| coco_protocol::MemoryRegion {
+        guest_phys_addr: gpa,
+        size,
+        mmap_offset: offset,
+        userspace_addr: 0,
+        fd: std::os::fd::AsFd::as_fd(b.memfd.as_file()),
+    };
+    let top = u64::MAX - (PAGE - 1); // the last page-aligned address
+    for (what, region) in [
+        ("unaligned guest_phys_addr", at(8 * RAM + 0x800, PAGE, 0)),
+        ("unaligned mmap_offset", at(8 * RAM, PAGE, 0x800)),
+        ("memory_size 0", at(8 * RAM, 0, 0)),
+        (
+            "guest_phys_addr + memory_size overflows",
+            at(top, 2 * PAGE, 0),
+        ),
+        (
+            "mmap_offset + memory_size overflows",
+            at(8 * RAM, 2 * PAGE, top),
+        ),
+    ] {
+        assert_eq!(
+            rejected(vmm.add_mem_region(&region)),
+            libc::EINVAL,
+            "{what}"
+        );
+        assert_eq!(
+            rejected(vmm.set_mem_table(&[at(12 * RAM, RAM, RAM), region])),
+            libc::EINVAL,
+            "{what}, second region of a SET_MEM_TABLE"
+        );
+    }
+    assert_eq!(
+        rejected(vmm.set_mem_table(&[at(8 * RAM, RAM, 0), at(8 * RAM + RAM / 2, RAM, RAM)])),
+        libc::EEXIST,
+        "an overlap inside one SET_MEM_TABLE"
+    );
+    let sealed = named_memfd("write-sealed", RAM);
+    sealed
+        .add_seals(&[memfd::FileSeal::SealWrite])
+        .expect("F_SEAL_WRITE");
+    let mut region = at(8 * RAM, RAM, 0);
+    region.fd = std::os::fd::AsFd::as_fd(sealed.as_file());
+    assert_eq!(
+        rejected(vmm.add_mem_region(&region)),
+        libc::EPERM,
+        "F_SEAL_WRITE"
+    );
+    // All or nothing: `a` is still the connection's only memory, served; `b` is not RAM.
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok);
+    assert_eq!(a.read(0x1000, table.len()), table);
+    vmm.done(r.lease).expect("done");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 8 * RAM, 1)
+        .expect("request");
+    assert_eq!(
+        r.ret,
+        CertsRet::Io,
+        "no region of a refused table was added"
+    );
+    assert_untouched(&b);
+    // An accepted table replaces every region.
+    vmm.set_mem_table(&[at(8 * RAM, RAM, 0)]).expect("b");
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 0x1000, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Io, "a is gone");
+
+    // REM_MEM_REG: a descriptor sent with it is closed unused, whether the region existed.
+    let pid = sidecar.pid();
+    let probe = named_memfd("rem-probe", RAM);
+    let extra = named_memfd("rem-extra", RAM);
+    let mut probe_region = at(16 * RAM, RAM, 0);
+    probe_region.fd = std::os::fd::AsFd::as_fd(probe.as_file());
+    vmm.add_mem_region(&probe_region).expect("probe region");
+    assert_eq!(
+        descriptors_named(pid, "rem-probe"),
+        1,
+        "a region keeps its file"
+    );
+    for (region, errno) in [
+        (probe_region.desc(), 0),
+        (at(32 * RAM, RAM, 0).desc(), libc::ENOENT),
+    ] {
+        let payload = wire::encode_mem_reg(&region);
+        let h = Header::request(Request::RemMemReg, payload.len(), true);
+        transport::send_message(vmm.stream(), &h, &payload, &[extra.as_file().as_raw_fd()])
+            .expect("REM_MEM_REG");
+        let ack = transport::MessageReader::new()
+            .recv(vmm.stream())
+            .expect("ack")
+            .expect("not closed");
+        assert_eq!(ack.payload, (errno as u64).to_le_bytes(), "errno {errno}");
+        eventually("the sent descriptor is closed", || {
+            descriptors_named(pid, "rem-extra") == 0
+        });
+    }
+    eventually("the removed region's file is closed", || {
+        descriptors_named(pid, "rem-probe") == 0
+    });
+    let r = vmm
+        .request_certs(Abi::SnpReqCerts, 0, 8 * RAM, 1)
+        .expect("request");
+    assert_eq!(r.ret, CertsRet::Ok, "the connection lives on");
+}
+
 #[test]
 fn unsealed_memory_is_served_and_shrinking_it_is_no_crash() {
     let dir = blob_dir();
@@ -836,22 +1245,11 @@ fn pipelined_messages_keep_their_own_descriptors() {
 /// says so once and checks the path on every request: updates are still seen at once.
 #[test]
 fn without_inotify_every_request_checks_the_path() {
-    let no_inotify = [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "sh",
-        "-c",
-        "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" \"$@\"",
-    ];
-    let probe = std::process::Command::new(no_inotify[0])
-        .args(&no_inotify[1..5])
-        .arg("echo 0 > /proc/sys/user/max_inotify_instances")
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: cannot make a user namespace without inotify instances here");
+    let Some(no_inotify) =
+        coco_tests::without_inotify("without_inotify_every_request_checks_the_path")
+    else {
         return;
-    }
+    };
     let dir = blob_dir();
     let a = table_of_size(3000, 5);
     let b = table_of_size(3000, 6);

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::CertsRet;
-use coco_sidecar::ofd::{self, LockKind};
 use coco_sidecar::tool::install;
-use coco_tests::{table_of_size, workspace_bin, write_blob, GuestMem, Sidecar};
+use coco_tests::{table_of_size, workspace_bin, write_blob, GuestMem, Sidecar, TmpfsMount};
 
 const POISON: u8 = 0xa5;
 const RAM: u64 = 64 * 1024;
@@ -33,8 +32,8 @@ fn stress_secs() -> u64 {
         .unwrap_or(6)
 }
 
-/// A directory for the blob: tmpfs when there is one (fast rewrites, coarse timestamps: the
-/// hard case for a cache keyed by stamps), else the default temporary directory.
+/// A directory for the blob: tmpfs when there is one (fast rewrites), else the default
+/// temporary directory.
 fn blob_dir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
@@ -284,27 +283,64 @@ fn request(vmm: &mut coco_protocol::Frontend, mem: &GuestMem) -> (CertsRet, Vec<
     (r.ret, mem.read(GPA, 5000))
 }
 
-/// Equal-size in-place rewrites back to back, well within one timestamp tick: size and stamps
-/// may not change, and only the racy rule makes the new version visible. Each request after an
+/// Size and timestamps of the file at `path` (what a cache keyed by stamps compares).
+fn stamps(path: &Path) -> (u64, i64, i64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    (
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// Equal-size in-place rewrites back to back on a ramfs, whose timestamps are one scheduler
+/// tick coarse, served by a sidecar that cannot watch the path (no inotify instance in its
+/// user namespace): most rewrites leave size and stamps as they were (counted here with
+/// `stat`), so only the racy rule can make the new version visible. Each request after an
 /// update returns must see that update.
 #[test]
 fn equal_size_rewrites_within_one_tick_are_served_at_once() {
-    let dir = blob_dir();
+    let test = "equal_size_rewrites_within_one_tick_are_served_at_once";
+    let Some(no_inotify) = coco_tests::without_inotify(test) else {
+        return;
+    };
+    let Some(fs) = TmpfsMount::ramfs_or_skip(test) else {
+        return;
+    };
     let v = versions();
-    let blob = write_blob(dir.path(), "certs.bin", &v[0]);
-    let sidecar = Sidecar::start(&blob, &[]);
+    let blob = write_blob(fs.path(), "certs.bin", &v[0]);
+    let sidecar = Sidecar::start_wrapped(&no_inotify, &blob, &[]);
     let mem = GuestMem::new(RAM, POISON);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[mem.region(0)]).expect("memory");
-    for i in 0..200 {
+    assert_eq!(request(&mut vmm, &mem), (CertsRet::Ok, v[0].clone()));
+    let mut unchanged_stamps = 0;
+    for i in 1..=200 {
         let want = &v[i % 2];
+        let before = stamps(&blob);
         install::write_blob(want, &blob, Duration::from_secs(5)).expect("install");
+        if stamps(&blob) == before {
+            unchanged_stamps += 1;
+        }
         assert_eq!(
             request(&mut vmm, &mem),
             (CertsRet::Ok, want.clone()),
             "round {i}"
         );
     }
+    println!("{unchanged_stamps} of 200 rewrites left size and stamps unchanged");
+    assert!(
+        unchanged_stamps > 0,
+        "every rewrite changed the stamps: the racy rule was not exercised"
+    );
+    assert!(
+        sidecar.log().contains("not watching the blob path"),
+        "{}",
+        sidecar.log()
+    );
 }
 
 /// A new version that fails validation is not served, and neither is the old one: EAGAIN, and
@@ -348,14 +384,7 @@ fn a_lease_blocks_the_updater_until_done() {
     let mem = GuestMem::new(RAM, POISON);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[mem.region(0)]).expect("memory");
-    let free = || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&blob)
-            .expect("open");
-        ofd::try_lock(&f, LockKind::Exclusive).expect("lock")
-    };
+    let free = || coco_tests::exclusive_lock_free(&blob);
     let a = vmm
         .request_certs(Abi::SnpReqCerts, 0, GPA, NPAGES)
         .expect("answer");

@@ -445,17 +445,20 @@ mod tests {
     }
 
     #[test]
-    fn lock_errors_map_to_distinct_statuses() {
-        let e = LockError::Spawn {
+    fn lock_errors_map_to_the_documented_statuses() {
+        // docs/operations.md, "Exit statuses": 127 COMMAND not found, 126 not executable,
+        // 124 the lock stayed busy.
+        let spawn = |kind| LockError::Spawn {
             program: "x".into(),
-            source: io::Error::from(io::ErrorKind::NotFound),
+            source: io::Error::from(kind),
         };
-        assert_eq!(e.exit_code(), exit::NOT_FOUND);
+        assert_eq!(spawn(io::ErrorKind::NotFound).exit_code(), 127);
+        assert_eq!(spawn(io::ErrorKind::PermissionDenied).exit_code(), 126);
         let e = LockError::Locking(LockingError::Timeout {
             path: "b".into(),
             waited_ms: 1,
             holder: locking::Holder::Shared,
         });
-        assert_eq!(e.exit_code(), exit::LOCK_BUSY);
+        assert_eq!(e.exit_code(), 124);
     }
 }

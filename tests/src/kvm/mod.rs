@@ -12,8 +12,6 @@ pub mod guest;
 pub mod record;
 pub mod vmm;
 
-use std::io::Write;
-
 /// Set to `1` to turn a missing or unusable /dev/kvm into a failure instead of a skip (for CI
 /// on machines that have KVM).
 pub const REQUIRE_KVM_VAR: &str = "COCO_REQUIRE_KVM";
@@ -25,13 +23,8 @@ pub fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
     match vmm::open_kvm() {
         Ok(kvm) => Some(kvm),
         Err(reason) => {
-            assert!(
-                std::env::var(REQUIRE_KVM_VAR).as_deref() != Ok("1"),
-                "{test}: /dev/kvm not available: {reason} ({REQUIRE_KVM_VAR}=1)"
-            );
-            // One write, so that parallel tests cannot split the line.
-            let line = format!("SKIPPED: /dev/kvm not available: {reason} ({test})\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
+            let why = format!("/dev/kvm not available: {reason}");
+            coco_tests::skip_unless_required(REQUIRE_KVM_VAR, test, &why);
             None
         }
     }

@@ -100,6 +100,9 @@ pub struct VcpuOutcome {
     pub terminator_at: Option<u32>,
     /// A failure the guest reported.
     pub failure: Option<u32>,
+    /// Times KVM_RUN returned -EINTR for a signal and the VMM entered again (not counting
+    /// the `immediate_exit` round trips).
+    pub interrupted: u32,
 }
 
 /// Callbacks at the points of the exit flow that tests watch. They run on the vCPU's thread.
@@ -205,6 +208,12 @@ pub struct Vmm {
     ram: Ram,
     /// How long the VMM makes the guest wait on each EAGAIN back-off.
     pub retry_delay: Duration,
+    /// A signal vCPU threads take only inside KVM_RUN, as QEMU took its SIG_IPI before
+    /// `immediate_exit`: blocked on the thread, unblocked for KVM_RUN by
+    /// `KVM_SET_SIGNAL_MASK`. One sent to a vCPU thread while it runs the VMM's code stays
+    /// pending and makes its next KVM_RUN return -EINTR; the VMM then takes it off the queue
+    /// (`sigtimedwait`) and enters again. `None`: vCPU threads keep the mask they have.
+    pub kick_signal: Option<libc::c_int>,
 }
 
 /// Opens /dev/kvm and checks that it can run this harness. `Err` holds the reason to print
@@ -269,6 +278,7 @@ impl Vmm {
             cpuid,
             ram,
             retry_delay: Duration::from_millis(10),
+            kick_signal: None,
         })
     }
 
@@ -420,6 +430,9 @@ impl Vmm {
         let mut out = VcpuOutcome::default();
         let mut entry_dwords = Vec::new();
         let mut pending = None;
+        if let Some(sig) = self.kick_signal {
+            signal_only_in_kvm_run(&vcpu, sig)?;
+        }
         for _ in 0..MAX_EXITS {
             let exit =
                 Vmm::enter(&mut vcpu, &mut pending).map_err(|e| format!("KVM_RUN: {e}"))??;
@@ -452,7 +465,12 @@ impl Vmm {
                     let exit = Vmm::certs_exit(&mut vcpu, &mut pending, index, spec, observer)?;
                     out.exits.push(exit);
                 }
-                Exit::Interrupted => {}
+                Exit::Interrupted => {
+                    out.interrupted += 1;
+                    if let Some(sig) = self.kick_signal {
+                        take_pending(sig);
+                    }
+                }
                 Exit::Out(PORT_DELAY, _) => {
                     out.delays += 1;
                     std::thread::sleep(self.retry_delay);
@@ -577,6 +595,72 @@ impl Vmm {
         }
         Ok(exit)
     }
+}
+
+// _IOW(KVMIO, 0x8b, struct kvm_signal_mask), from the kernel's <linux/kvm.h>.
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_SIGNAL_MASK,
+    kvm_bindings::KVMIO,
+    0x8b,
+    kvm_bindings::kvm_signal_mask
+);
+
+/// `sig` alone, as a signal set.
+fn sigset_of(sig: libc::c_int) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it in place.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        set
+    }
+}
+
+/// Blocks `sig` on this (the vCPU's) thread and has KVM_RUN run with the thread's mask
+/// without it (see [`Vmm::kick_signal`]).
+fn signal_only_in_kvm_run(vcpu: &VcpuFd, sig: libc::c_int) -> Result<(), Error> {
+    let block = sigset_of(sig);
+    // SAFETY: sigset_t is plain data; pthread_sigmask fills it in.
+    let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reads `block`, writes `before`; both outlive the call.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut before) };
+    if rc != 0 {
+        return Err(format!(
+            "pthread_sigmask: {}",
+            std::io::Error::from_raw_os_error(rc)
+        ));
+    }
+    // SAFETY: `before` is an initialised set.
+    unsafe { libc::sigdelset(&mut before, sig) };
+    // struct kvm_signal_mask: u32 len, then the kernel's sigset_t (64 bits on x86_64, one bit
+    // per signal from bit 0 for signal 1), which is how glibc's set begins.
+    let mut arg = [0u8; 12];
+    arg[..4].copy_from_slice(&8u32.to_le_bytes());
+    // SAFETY: glibc's sigset_t is 128 bytes of plain data; this reads its first 8.
+    let bits: [u8; 8] = unsafe { std::ptr::read_unaligned(std::ptr::addr_of!(before).cast()) };
+    arg[4..].copy_from_slice(&bits);
+    // SAFETY: KVM_SET_SIGNAL_MASK reads `len` and then `len` bytes of set from `arg`, which
+    // holds both and outlives the call; the descriptor is the vCPU's.
+    let rc =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_ptr(vcpu, KVM_SET_SIGNAL_MASK(), arg.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "KVM_SET_SIGNAL_MASK: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Takes a pending `sig` off this thread's queue, if there is one (it stays blocked).
+fn take_pending(sig: libc::c_int) {
+    let set = sigset_of(sig);
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: sigtimedwait reads `set` and `now`, which outlive the call; no siginfo wanted.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &now) };
 }
 
 fn lock(channel: &Mutex<Frontend>) -> Result<std::sync::MutexGuard<'_, Frontend>, Error> {
