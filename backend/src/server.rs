@@ -10,7 +10,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use coco_protocol::transport::{self, MessageReader, TransportError};
-use coco_protocol::wire::HEADER_SIZE;
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
@@ -124,28 +123,6 @@ impl Shutdown {
                 }
             }
         }
-    }
-}
-
-/// How far a connection just accepted has come: a VMM or a probe writes its first message as
-/// soon as it is connected, usually before the accept, while a peer that only holds a
-/// connection has sent nothing, or a few bytes. Looked at without reading (MSG_PEEK), so that
-/// a connection in a crowd of silent ones is not the first to give way.
-fn arrival(stream: &UnixStream) -> Progress {
-    let mut header = [0u8; HEADER_SIZE];
-    // SAFETY: `header` is valid for writes of its length for the call; the stream is open.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            header.as_mut_ptr().cast(),
-            header.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n == HEADER_SIZE as isize {
-        Progress::Talking
-    } else {
-        Progress::Silent
     }
 }
 
@@ -290,14 +267,15 @@ impl Server {
                     continue;
                 }
             };
-            let (slot, displaced) = match slots.admit(next_id, &stream, peer, arrival(&stream)) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("connection {next_id} refused: {e}");
-                    self.metrics.connection_refused();
-                    continue;
-                }
-            };
+            let (slot, displaced) =
+                match slots.admit(next_id, &stream, peer, Progress::waiting(&stream)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("connection {next_id} refused: {e}");
+                        self.metrics.connection_refused();
+                        continue;
+                    }
+                };
             if let Some(old) = displaced {
                 info!(
                     "connection {old}: closed to make room for connection {next_id} (all {} \

@@ -13,10 +13,12 @@
 //! can keep a VMM or a probe out.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use coco_protocol::wire::HEADER_SIZE;
 use log::{debug, info};
 
 use crate::listen::Peer;
@@ -34,6 +36,31 @@ pub enum Progress {
     Talking,
     /// The handshake is done.
     Negotiated,
+}
+
+impl Progress {
+    /// How far a connection has come by what waits unread in its socket: a VMM or a probe
+    /// writes its first message as soon as it is connected, often before the sidecar accepts or
+    /// its thread runs, while a peer that only holds a connection has sent nothing, or a few
+    /// bytes. Looked at without reading (MSG_PEEK), so that a connection in a crowd of silent
+    /// ones is not the first to give way because its thread was slow to start.
+    pub fn waiting(stream: &UnixStream) -> Progress {
+        let mut header = [0u8; HEADER_SIZE];
+        // SAFETY: `header` is valid for writes of its length for the call; the stream is open.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                header.as_mut_ptr().cast(),
+                header.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n == HEADER_SIZE as isize {
+            Progress::Talking
+        } else {
+            Progress::Silent
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -101,6 +128,14 @@ impl Slots {
         let open = state.conns.values().filter(|c| !c.displaced).count();
         let mut displaced = None;
         if open >= self.max_pinned + SPARE_SLOTS {
+            // A connection accepted silent whose first message has arrived since, but whose
+            // thread has not run yet (a loaded host), has talked: it must not go before the
+            // peers that really say nothing.
+            for c in state.conns.values_mut() {
+                if c.progress == Progress::Silent && !c.pinned && !c.displaced {
+                    c.progress = Progress::waiting(&c.stream);
+                }
+            }
             let victim = state
                 .conns
                 .iter_mut()
@@ -293,5 +328,30 @@ mod tests {
         assert_eq!(slots.open(), 2, "7 and 8");
         drop((_s6, _s7, _s8));
         assert!(slots.wait_empty(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_connection_whose_first_message_waits_unread_does_not_give_way_as_silent() {
+        let slots = Slots::new(1);
+        let pairs: Vec<_> = (0..5).map(|_| conn()).collect();
+        let held: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (ours, _))| {
+                let (slot, out) = slots
+                    .admit(i as u64, ours, None, Progress::Silent)
+                    .expect("admit");
+                assert_eq!(out, None);
+                slot
+            })
+            .collect();
+        // 0, the oldest, was silent when accepted; its header arrives before its thread runs.
+        std::io::Write::write_all(&mut &pairs[0].1, &[0u8; HEADER_SIZE]).expect("write");
+        // Half a header is still silent.
+        std::io::Write::write_all(&mut &pairs[1].1, &[0u8; HEADER_SIZE / 2]).expect("write");
+        let (a, _) = conn();
+        let (_s5, out) = slots.admit(5, &a, None, Progress::Silent).expect("admit");
+        assert_eq!(out, Some(1));
+        assert!(!closed(&pairs[0].1) && held[1].displaced());
     }
 }
