@@ -1,0 +1,2 @@
+//! Placeholder until the hook server lands (issue 17).
+fn main() {}
