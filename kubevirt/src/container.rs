@@ -10,7 +10,7 @@ use log::info;
 use thiserror::Error;
 
 use crate::layout::Layout;
-use crate::supervise::{self, ChildSpec, SuperviseError, CHILD_FD};
+use crate::supervise::{ChildSpec, SuperviseError, Supervisor, CHILD_FD};
 
 /// QEMU's uid in KubeVirt's launcher pods (`qemu`, 107), the default peer allowed.
 pub const QEMU_UID: u32 = 107;
@@ -77,6 +77,7 @@ pub fn sidecar_args(c: &RunConfig) -> Vec<OsString> {
 
 /// Binds the sockets and supervises coco-sidecar and the hook until SIGTERM.
 pub fn run(c: RunConfig) -> Result<(), RunError> {
+    let supervisor = Supervisor::new()?;
     let l = &c.layout;
     make_parent(&l.hook_socket)?;
     make_parent(&l.sidecar_socket)?;
@@ -109,6 +110,6 @@ pub fn run(c: RunConfig) -> Result<(), RunError> {
             listener: hook,
         },
     ];
-    supervise::run(specs, &[&l.hook_socket, &l.sidecar_socket])?;
+    supervisor.run(specs, &[&l.hook_socket, &l.sidecar_socket])?;
     Ok(())
 }

@@ -170,9 +170,31 @@ fn signal_children(slots: &[Slot], signal: libc::c_int) {
     }
 }
 
-/// Runs `specs` until SIGTERM or SIGINT, then stops them and removes `sockets`.
-pub fn run(specs: Vec<ChildSpec>, sockets: &[&Path]) -> Result<(), SuperviseError> {
-    let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT]).map_err(SuperviseError::Signals)?;
+/// The signals the supervisor acts on, caught from the moment this exists: create it before
+/// the sockets, so that a SIGTERM arriving once they appear is never the default (fatal) one.
+#[derive(Debug)]
+pub struct Supervisor {
+    signals: Signals,
+}
+
+impl Supervisor {
+    /// Catches SIGCHLD, SIGTERM and SIGINT.
+    pub fn new() -> Result<Supervisor, SuperviseError> {
+        let signals = Signals::new([SIGCHLD, SIGTERM, SIGINT]).map_err(SuperviseError::Signals)?;
+        Ok(Supervisor { signals })
+    }
+
+    /// Runs `specs` until SIGTERM or SIGINT, then stops them and removes `sockets`.
+    pub fn run(self, specs: Vec<ChildSpec>, sockets: &[&Path]) -> Result<(), SuperviseError> {
+        run(self.signals, specs, sockets)
+    }
+}
+
+fn run(
+    mut signals: Signals,
+    specs: Vec<ChildSpec>,
+    sockets: &[&Path],
+) -> Result<(), SuperviseError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
