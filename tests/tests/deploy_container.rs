@@ -292,3 +292,150 @@ fn the_image_serves_requests_through_a_mounted_socket() {
     );
     assert!(all_logs.contains("stopped"), "{all_logs}");
 }
+
+/// The PIDs of `pid`'s children and their first argument after the program (the subcommand).
+fn children_of(pid: &str) -> Vec<(String, String)> {
+    let list =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .map(|c| {
+            let cmd = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+            let sub = cmd
+                .split(|&b| b == 0)
+                .nth(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default();
+            (c.to_owned(), sub)
+        })
+        .collect()
+}
+
+/// The KubeVirt image (deploy/Containerfile.kubevirt, issue 17) run as the admission policy
+/// runs it in a launcher pod: its user 107, read-only root, no capabilities, no new
+/// privileges, no network, the plugin's socket directory and the blob (read-only) mounted.
+/// `coco-kubevirt-hook run` is PID 1 with coco-sidecar and the hook server as children; a
+/// request from the host goes through the socket the domain names; coco-sidecar killed from
+/// the host serves again; `podman stop` ends it cleanly and removes the sockets.
+#[test]
+fn the_kubevirt_image_supervises_the_sidecar_in_the_plugin_layout() {
+    if let Some(why) = unavailable() {
+        assert!(
+            std::env::var_os("COCO_REQUIRE_PODMAN").is_none_or(|v| v != "1"),
+            "COCO_REQUIRE_PODMAN=1 but {why}"
+        );
+        skipped(&format!("KubeVirt container test: {why}"));
+        return;
+    }
+    let tag = format!("localhost/coco-kubevirt:test-{}", std::process::id());
+    let name = format!("coco-kubevirt-test-{}", std::process::id());
+    let _cleanup = Cleanup {
+        container: name.clone(),
+        image: tag.clone(),
+    };
+    let build = Command::new(workspace().join("deploy/build-kubevirt-image.sh"))
+        .args(["--tag", &tag])
+        .output()
+        .expect("run deploy/build-kubevirt-image.sh");
+    assert!(
+        build.status.success(),
+        "image build failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    assert_eq!(
+        ok(&["image", "inspect", "--format", "{{.Config.User}}", &tag]),
+        "107:107",
+        "QEMU's uid and group in KubeVirt's launcher pods"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = dir.path().join("plugin");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&plugin).expect("mkdir");
+    std::fs::create_dir(&certs).expect("mkdir");
+    std::os::unix::fs::chown(&plugin, Some(107), Some(107)).expect("chown");
+    let table = table_of_size(5000, 0x6b);
+    let blob = write_blob(&certs, "certs.blob", &table);
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let plugin_mount = format!("{}:/var/run/kubevirt-plugin/coco-sidecar", plugin.display());
+    let certs_mount = format!("{}:/var/lib/coco-sidecar:ro", certs.display());
+    ok(&[
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--volume",
+        &plugin_mount,
+        "--volume",
+        &certs_mount,
+        &tag,
+        // The admission policy's arguments; the host test connects as root
+        "run",
+        "--layout",
+        "plugin",
+        "--plugin",
+        "coco-sidecar",
+        "--certs",
+        "/var/lib/coco-sidecar/certs.blob",
+        "--allow-uid",
+        "0",
+    ]);
+    let socket = plugin.join("coco/sidecar.sock");
+    wait_for_socket(&socket, &name);
+    assert!(plugin.join("coco-hook.sock").exists());
+
+    let pid = ok(&["inspect", "--format", "{{.State.Pid}}", &name]);
+    let children = children_of(&pid);
+    let subs: Vec<&str> = children.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(subs, ["serve", "hook"], "{children:?}");
+    for p in std::iter::once(pid.as_str()).chain(children.iter().map(|(p, _)| p.as_str())) {
+        let uids = status_field(p, "Uid");
+        assert!(
+            uids.split_whitespace().all(|u| u == "107"),
+            "{p}: uids {uids}"
+        );
+        assert_eq!(status_field(p, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(p, "NoNewPrivs"), "1");
+    }
+    let mode = std::fs::metadata(&socket)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+
+    serve_one_request(&socket, &table);
+    // coco-sidecar dies; the supervisor in the container restarts it on the same socket
+    let sidecar = &children[0].0;
+    let killed = Instant::now();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(sidecar.parse().expect("pid"), libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    let deadline = killed + Duration::from_secs(25);
+    while children_of(&pid).first().is_none_or(|(p, _)| p == sidecar) {
+        assert!(
+            Instant::now() < deadline,
+            "not restarted:\n{}",
+            ok(&["logs", &name])
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    serve_one_request(&socket, &table);
+    println!(
+        "containerised coco-sidecar SIGKILLed and serving again after {} ms",
+        killed.elapsed().as_millis()
+    );
+
+    ok(&["stop", "--time", "10", &name]);
+    assert_eq!(
+        ok(&["inspect", "--format", "{{.State.ExitCode}}", &name]),
+        "0"
+    );
+    assert!(!socket.exists() && !plugin.join("coco-hook.sock").exists());
+}

@@ -9,7 +9,7 @@
 //! (tests/libvirt/setup.sh starts one); otherwise one `SKIPPED:` line, or a failure with
 //! `COCO_REQUIRE_LIBVIRT=1`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,65 @@ fn wait_done(serial: &Path, want_reqs: usize) -> Vec<Req> {
     }
 }
 
+/// The test guest's image in `dir` (two vCPUs, two requests each, expecting `table`), and
+/// the path of its serial log.
+fn guest_files(dir: &Path, table: &[u8]) -> (PathBuf, PathBuf) {
+    let params = GuestParams {
+        ncpus: 2,
+        requests: 2,
+        digests: [fnv1a32(table), 0],
+        ..GuestParams::default()
+    };
+    let loader = dir.join("guest.bin");
+    std::fs::write(&loader, guest_image(&params)).expect("write image");
+    (loader, dir.join("serial.log"))
+}
+
+/// `template` with the fields every test domain has filled in.
+fn fill(template: &str, name: &str, loader: &Path, emulator: &Path, serial: &Path) -> String {
+    template
+        .replace("@NAME@", name)
+        .replace("@LOADER@", &loader.display().to_string())
+        .replace("@EMULATOR@", &emulator.display().to_string())
+        .replace("@SERIAL@", &serial.display().to_string())
+}
+
+/// Writes `xml` to `path` and checks it with libvirt's own schema.
+fn write_valid(path: &Path, xml: &str) {
+    std::fs::write(path, xml).expect("write xml");
+    let out = Command::new("virt-xml-validate")
+        .arg(path)
+        .arg("domain")
+        .output()
+        .expect("virt-xml-validate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts the defined domain `name`; both vCPUs get `table` twice (through the probe and
+/// ENOSPC), and libvirt gave QEMU shared memfd guest RAM and the coco-sidecar object.
+/// Returns libvirt's log of the QEMU command line.
+fn start_served(name: &str, serial: &Path, table: &[u8], round: u32) -> String {
+    virsh_ok(&["start", name]);
+    for r in wait_done(serial, 4) {
+        assert_eq!(r.digest, fnv1a32(table), "round {round}: {r:?}");
+        assert_eq!(r.pages, 2, "round {round}: {r:?}");
+        assert_eq!(r.enospc, 1, "round {round}: {r:?}");
+    }
+    let log =
+        std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).expect("domain log");
+    assert!(log.contains("memory-backend-memfd"), "{log}");
+    assert!(
+        log.contains("\"share\":true") || log.contains("share=on"),
+        "{log}"
+    );
+    assert!(log.contains("\"qom-type\":\"coco-sidecar\""), "{log}");
+    log
+}
+
 #[test]
 fn a_libvirt_domain_gets_its_certificates_and_restarts() {
     let test = "a_libvirt_domain_gets_its_certificates_and_restarts";
@@ -104,57 +163,18 @@ fn a_libvirt_domain_gets_its_certificates_and_restarts() {
             &[],
         );
 
-        let params = GuestParams {
-            ncpus: 2,
-            requests: 2,
-            digests: [fnv1a32(&table), 0],
-            ..GuestParams::default()
-        };
-        let loader = dir.path().join("guest.bin");
-        std::fs::write(&loader, guest_image(&params)).expect("write image");
-        let serial = dir.path().join("serial.log");
+        let (loader, serial) = guest_files(dir.path(), &table);
         let name = format!("coco-test-{}-{}", bin.label, std::process::id());
-        let xml = TEMPLATE
-            .replace("@NAME@", &name)
-            .replace("@LOADER@", &loader.display().to_string())
-            .replace("@EMULATOR@", &bin.path.display().to_string())
-            .replace("@SERIAL@", &serial.display().to_string())
+        let xml = fill(TEMPLATE, &name, &loader, &bin.path, &serial)
             .replace("@SOCKET@", &socket.display().to_string())
             .replace("@ABI@", "snp-req-certs");
         let xml_path = dir.path().join("domain.xml");
-        std::fs::write(&xml_path, &xml).expect("write xml");
-
-        // libvirt's own schema accepts it
-        let out = Command::new("virt-xml-validate")
-            .arg(&xml_path)
-            .arg("domain")
-            .output()
-            .expect("virt-xml-validate");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        write_valid(&xml_path, &xml);
 
         virsh_ok(&["define", &xml_path.display().to_string()]);
         let _domain = Domain(name.clone());
         for round in 1..=2 {
-            virsh_ok(&["start", &name]);
-            let reqs = wait_done(&serial, 4);
-            for r in &reqs {
-                assert_eq!(r.digest, fnv1a32(&table), "round {round}: {r:?}");
-                assert_eq!(r.pages, 2, "round {round}: {r:?}");
-                assert_eq!(r.enospc, 1, "round {round}: {r:?}");
-            }
-            // libvirt made the guest RAM a shared memfd and passed the object through
-            let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log"))
-                .expect("domain log");
-            assert!(log.contains("memory-backend-memfd"), "{log}");
-            assert!(
-                log.contains("\"share\":true") || log.contains("share=on"),
-                "{log}"
-            );
-            assert!(log.contains("\"qom-type\":\"coco-sidecar\""), "{log}");
+            start_served(&name, &serial, &table, round);
             virsh_ok(&["destroy", &name]);
         }
     }
@@ -242,24 +262,12 @@ fn a_kubevirt_domain_after_the_hook_gets_certificates_under_libvirt() {
         }
         let _run = Kill(&mut run);
 
-        let params = GuestParams {
-            ncpus: 2,
-            requests: 2,
-            digests: [fnv1a32(&table), 0],
-            ..GuestParams::default()
-        };
-        let loader = dir.path().join("guest.bin");
-        std::fs::write(&loader, guest_image(&params)).expect("write image");
-        let serial = dir.path().join("serial.log");
+        let (loader, serial) = guest_files(dir.path(), &table);
         let name = format!("coco-kubevirt-{}-{}", bin.label, std::process::id());
         let domain = dir.path().join("kubevirt.xml");
         std::fs::write(
             &domain,
-            KUBEVIRT_DOMAIN
-                .replace("@NAME@", &name)
-                .replace("@LOADER@", &loader.display().to_string())
-                .replace("@EMULATOR@", &bin.path.display().to_string())
-                .replace("@SERIAL@", &serial.display().to_string()),
+            fill(KUBEVIRT_DOMAIN, &name, &loader, &bin.path, &serial),
         )
         .expect("write domain");
         let vmi = dir.path().join("vmi.json");
@@ -305,28 +313,11 @@ fn a_kubevirt_domain_after_the_hook_gets_certificates_under_libvirt() {
         );
         assert!(!runnable.contains("lsec0") && !runnable.contains("launchSecurity"));
         let xml_path = dir.path().join("domain.xml");
-        std::fs::write(&xml_path, &runnable).expect("write xml");
-        let out = Command::new("virt-xml-validate")
-            .arg(&xml_path)
-            .arg("domain")
-            .output()
-            .expect("virt-xml-validate");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        write_valid(&xml_path, &runnable);
 
         virsh_ok(&["define", &xml_path.display().to_string()]);
         let _domain = Domain(name.clone());
-        virsh_ok(&["start", &name]);
-        for r in wait_done(&serial, 4) {
-            assert_eq!(r.digest, fnv1a32(&table), "{r:?}");
-            assert_eq!(r.pages, 2, "{r:?}");
-        }
-        let qemu_log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log"))
-            .expect("domain log");
-        assert!(qemu_log.contains("memory-backend-memfd"), "{qemu_log}");
+        let qemu_log = start_served(&name, &serial, &table, 1);
         assert!(
             qemu_log.contains(&socket.display().to_string()),
             "{qemu_log}"
