@@ -361,6 +361,10 @@ fn killed_children_are_back_well_within_qemus_grace_period() {
 fn sigterm_stops_both_children_and_removes_the_sockets() {
     let mut pod = Pod::start(&[], "p/coco-sidecar");
     let children: Vec<u32> = ["serve", "hook"].iter().map(|s| pod.child_pid(s)).collect();
+    // Both answer, so both have their own SIGTERM handling in place (a child killed by a
+    // SIGTERM that came before it is stopped too, but not with status 0)
+    assert!(pod.serves(&pod.sidecar_socket));
+    assert_eq!(info_of(&pod.hook_socket).0, "coco-sidecar");
     // SAFETY: kill(2) has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pod.child.id() as i32, libc::SIGTERM) };
     assert_eq!(rc, 0);
