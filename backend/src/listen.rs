@@ -14,7 +14,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ pub enum ListenError {
     NotSocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL, and leave room for the ~PID (in hex) of the temporary name it is bound under")]
+    #[error("cannot listen on {0}: a socket path must be 1 to 107 bytes without NUL")]
     PathTooLong(PathBuf),
     #[error("--socket-mode {0:o} is not a permission mode (0 to 0777)")]
     Mode(u32),
@@ -367,9 +367,30 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     Err(err)
 }
 
+/// The name a socket for `path` is bound under before it is renamed into place: `PATH~PID`,
+/// with as much of the file name cut off as a socket address needs, so that every path that
+/// fits one has a temporary name too (a Plugin's socket in KubeVirt can be 106 bytes).
+fn temporary_name(path: &Path) -> Option<PathBuf> {
+    const MAX: usize = 107;
+    let suffix = format!("~{:x}", std::process::id());
+    let name = path.file_name()?.as_bytes();
+    // Not for a path that ends in `.` or `/`, whose file name is not its last bytes.
+    if !path.as_os_str().as_bytes().ends_with(name) {
+        return None;
+    }
+    let dir = path.as_os_str().len() - name.len();
+    let keep = name.len().min(MAX.checked_sub(dir + suffix.len())?);
+    if keep == 0 {
+        return None;
+    }
+    let mut tmp = path.as_os_str().as_bytes()[..dir + keep].to_vec();
+    tmp.extend_from_slice(suffix.as_bytes());
+    Some(PathBuf::from(std::ffi::OsString::from_vec(tmp)))
+}
+
 /// Creates a listening socket at `path` whose file has exactly `mode`, and that appears at
 /// `path` only once it accepts connections: it is bound under a temporary name next to `path`
-/// (`PATH~PID`), given its mode (fchmod before bind, so the file is created with `mode` minus
+/// (`PATH~PID`, [`temporary_name`]), given its mode (fchmod before bind, so the file is created with `mode` minus
 /// the umask, never wider; then chmod to exactly `mode`), put in the listening state, and
 /// renamed to `path`. A client that sees the path can connect; none can connect under a
 /// wider mode. Returns the socket and the identity of its file.
@@ -377,10 +398,10 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedPath), ListenE
     if mode & !0o777 != 0 {
         return Err(ListenError::Mode(mode));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!("~{:x}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let (Some(_), Some((addr, len))) = (sockaddr(path), sockaddr(&tmp)) else {
+    let Some((tmp, (addr, len))) = sockaddr(path)
+        .and_then(|_| temporary_name(path))
+        .and_then(|tmp| sockaddr(&tmp).map(|a| (tmp, a)))
+    else {
         return Err(ListenError::PathTooLong(path.to_owned()));
     };
     prepare_path(path)?;
@@ -564,6 +585,16 @@ mod tests {
             bind(&long, 0o600),
             Err(ListenError::PathTooLong(_))
         ));
+        // A path of exactly 107 bytes is bound (under a shortened temporary name).
+        let dir_len = d.as_os_str().len() + 1;
+        let longest = d.join("z".repeat(107 - dir_len));
+        assert_eq!(longest.as_os_str().len(), 107);
+        let (_l, owned) = bind(&longest, 0o600).expect("107 bytes");
+        assert!(std::fs::symlink_metadata(&longest)
+            .expect("bound")
+            .file_type()
+            .is_socket());
+        owned.remove();
         std::fs::remove_dir_all(&d).expect("rm");
     }
 
