@@ -209,7 +209,7 @@ impl Session {
             }
         };
         if let Some((feature, name)) = needs {
-            if !self.has(PF_COCO) || !self.has(feature) {
+            if !self.has(feature) {
                 return Outcome::Close(format!(
                     "{request:?} before the {name} protocol feature was negotiated"
                 ));
@@ -247,6 +247,10 @@ impl Session {
                 }
                 if f & !SUPPORTED_PROTOCOL_FEATURES != 0 {
                     return Outcome::Close(format!("protocol features {f:#x} were not offered"));
+                }
+                // Without COCO nothing but the handshake would be left to do (protocol.md 5.1).
+                if f & PF_COCO == 0 {
+                    return Outcome::Close(format!("protocol features {f:#x} do not include COCO"));
                 }
                 self.protocol_features = Some(f);
                 self.ack(header, request, 0)
