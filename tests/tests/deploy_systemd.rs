@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use coco_tests::{sidecar_bin, table_of_size};
+use coco_tests::{amd_turin_blob, sidecar_bin, table_of_size};
 use deploy_support::{serve_one_request, skipped, Proc};
 
 fn workspace() -> PathBuf {
@@ -388,7 +388,7 @@ fn the_units_command_lines_serve_and_update_as_systemd_runs_them() {
     let argv = exec_start("coco-sidecar-blob-update.service", base);
     let (path_keys, _) = unit("coco-sidecar-blob-update.path");
     assert_eq!(path_keys["PathChanged"], "/var/lib/coco-sidecar/next.blob");
-    let turin = turin_blob(base);
+    let turin = amd_turin_blob(base);
     std::fs::copy(&turin, base.join("next.blob")).expect("stage");
     let o = Command::new(&argv[0])
         .args(&argv[1..])
@@ -410,27 +410,4 @@ fn the_units_command_lines_serve_and_update_as_systemd_runs_them() {
         std::fs::read(base.join("certs.blob")).expect("blob"),
         installed
     );
-}
-
-/// A blob of AMD's Turin chain (tests/fixtures/amd), built by `blob import`.
-fn turin_blob(dir: &Path) -> PathBuf {
-    let src = dir.join("turin-files");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/amd");
-    for (from, to) in [
-        ("ark-turin.pem", "ark.pem"),
-        ("ask-turin.pem", "ask.pem"),
-        ("vcek-turin.der", "vcek.der"),
-    ] {
-        std::fs::copy(fixtures.join(from), src.join(to)).expect("copy fixture");
-    }
-    let blob = dir.join("turin.blob");
-    let o = Command::new(sidecar_bin())
-        .args(["blob", "import"])
-        .arg(&src)
-        .arg(&blob)
-        .output()
-        .expect("import");
-    assert!(o.status.success(), "{}", text(&o));
-    blob
 }

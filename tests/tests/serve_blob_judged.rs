@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use coco_tests::{http_get, metrics_addr, sidecar_bin, Sidecar};
+use coco_tests::{amd_turin_blob, http_get, metrics_addr, sidecar_bin, Sidecar};
 
 /// `date -u -d 2031-11-06T21:14:00Z +%s`: the Turin VCEK fixture's notAfter.
 const TURIN_VCEK_NOT_AFTER: u64 = 1_951_766_040;
@@ -18,28 +18,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name)
-}
-
-/// A blob of the real Turin chain, built by the tool from AMD's files.
-fn turin_blob(dir: &Path) -> PathBuf {
-    let src = dir.join("turin");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    for (from, to) in [
-        ("amd/ark-turin.pem", "ark.pem"),
-        ("amd/ask-turin.pem", "ask.pem"),
-        ("amd/vcek-turin.der", "vcek.der"),
-    ] {
-        std::fs::copy(fixture(from), src.join(to)).expect("copy fixture");
-    }
-    let blob = dir.join("turin.blob");
-    let out = Command::new(sidecar_bin())
-        .args(["blob", "import"])
-        .arg(&src)
-        .arg(&blob)
-        .output()
-        .expect("import");
-    assert!(out.status.success(), "{out:?}");
-    blob
 }
 
 /// `serve` that must not start: its output, bounded in time.
@@ -154,7 +132,7 @@ fn monitor_lines(sidecar: &Sidecar, n: usize) -> Vec<String> {
 #[test]
 fn each_state_of_the_blob_is_logged_once_and_exported() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let good = turin_blob(dir.path());
+    let good = amd_turin_blob(dir.path());
     let blob = dir.path().join("certs.blob");
     std::fs::copy(&good, &blob).expect("copy");
     let sidecar = Sidecar::start_logging(&blob, &["--metrics", "127.0.0.1:0"], "info");
@@ -227,4 +205,18 @@ fn a_missing_blob_is_legal_at_start_and_follows_the_policy() {
         "{}",
         lines[0]
     );
+    // Probes are not news at info level: two `health` runs add no line.
+    let before = sidecar.log().lines().count();
+    for _ in 0..2 {
+        let out = Command::new(sidecar_bin())
+            .arg("health")
+            .arg("--socket")
+            .arg(&sidecar.socket)
+            .output()
+            .expect("health");
+        assert!(out.status.success(), "{out:?}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = sidecar.log();
+    assert_eq!(log.lines().count(), before, "{log}");
 }
