@@ -13,6 +13,8 @@ pub enum Want {
     Blob,
     /// A directory of certificate files (`blob import`).
     CertDir,
+    /// A directory to write certificate files into, created if missing (`blob export`).
+    OutDir,
 }
 
 /// A file error on a path given as an argument, explained.
@@ -81,6 +83,11 @@ pub fn misfit(path: &Path, want: Want) -> Option<String> {
             "is not a regular file (a FIFO, socket or device): {BLOB_FIX}"
         )),
         Want::CertDir if !meta.is_dir() => Some(format!("is a file, not a directory: {DIR_FIX}")),
+        Want::OutDir if !meta.is_dir() => Some(
+            "is a file, not a directory: export writes one file per entry (ark.pem, ask.pem, \
+             vcek.pem, ...) into DIR, and creates it if missing: name a directory"
+                .to_owned(),
+        ),
         _ => None,
     }
 }

@@ -385,6 +385,20 @@ fn arguments_mixed_up_are_named_with_the_fix() {
             3,
             format!("({} does not exist either)", r.join("no").display()),
         ),
+        (
+            vec![p("lock"), &certs, p("--"), p("true")],
+            125,
+            format!("BLOB {}: is a directory", certs.display()),
+        ),
+        // A blob where export's output directory goes.
+        (
+            vec![p("export"), &good, &good],
+            3,
+            format!(
+                "DIR {}: is a file, not a directory: export writes",
+                good.display()
+            ),
+        ),
         // The parent of the certificate directory: import names the one to give.
         (
             vec![p("import"), r, &x],

@@ -408,6 +408,7 @@ pub fn export(
     format: Format,
     force: bool,
 ) -> Result<Vec<PathBuf>, FilesError> {
+    argpath::check("DIR", dir, Want::OutDir)?;
     let mut files = Vec::new();
     for entry in table.entries() {
         let path = dir.join(export_name(table, entry.guid, format));
@@ -426,7 +427,7 @@ pub fn export(
         }
         files.push((path, bytes));
     }
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::create_dir_all(dir).map_err(|e| argpath::explain("DIR", dir, Want::OutDir, e))?;
     let mut written = Vec::new();
     for (path, bytes) in files {
         fs::write(&path, bytes).map_err(io_err(&path))?;

@@ -402,6 +402,9 @@ pub fn run(cmd: Command) -> u8 {
                 (Some(bytes), Some((_, opts))) => Some((bytes.as_slice(), what.as_str(), opts)),
                 _ => None,
             };
+            if let Err(e) = argpath::check("BLOB", &blob, Want::Blob) {
+                return fail(&e, exit::LOCK_FAILED);
+            }
             match lock::run_locked(&blob, &program, &args, wait, install_new) {
                 Ok(outcome) => {
                     match outcome.installed {
