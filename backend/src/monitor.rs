@@ -9,8 +9,11 @@
 //! follows `--missing-certs`.
 //!
 //! It judges with a store of its own that keeps no inotify instance (each is a per-user budget
-//! that the serving store needs) and logs nothing itself; it takes the shared lock as briefly
-//! as a request answered at once, and like requests it yields to a waiting updater.
+//! that the serving store needs) and logs nothing itself. Each second it looks at the path's
+//! stamps (device, inode, size, mtime, ctime) with one `stat`, and only when they changed, or
+//! the version it judged was read too soon after its last change to trust them (the store's
+//! [`RACY_WINDOW`] rule), does it read the blob: under the shared lock, as briefly as a request
+//! answered at once, and like requests it yields to a waiting updater.
 
 use std::fs::File;
 use std::path::Path;
@@ -22,7 +25,7 @@ use log::{error, info, warn, Level};
 use thiserror::Error;
 
 use crate::argpath::{self, ArgPathError, Want};
-use crate::blob::{BlobError, BlobStore, Fetch};
+use crate::blob::{BlobError, BlobStore, Fetch, RACY_WINDOW};
 use crate::config::{Config, MissingCerts};
 use crate::metrics::Metrics;
 use crate::tool::check::{self, CheckOptions, Report};
@@ -57,6 +60,31 @@ pub struct Judgement {
     pub valid: bool,
     /// The VCEK's or VLEK's `notAfter`, Unix seconds.
     pub vek_not_after: Option<u64>,
+}
+
+/// The path's identity and change stamps: device, inode, size, mtime and ctime (ns).
+type Stamps = (u64, u64, u64, i128, i128);
+
+fn stamps(path: &Path) -> Option<Stamps> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    ))
+}
+
+/// Whether a version whose ctime is in `stamps` was looked at safely after that change, so
+/// that a later change cannot leave the same stamps.
+fn settled(stamps: &Stamps, looked_at: SystemTime) -> bool {
+    let Ok(now) = looked_at.duration_since(std::time::UNIX_EPOCH) else {
+        return false;
+    };
+    i128::try_from(now.as_nanos()).is_ok_and(|now| now - stamps.4 > RACY_WINDOW.as_nanos() as i128)
 }
 
 /// The bytes last judged (to notice a change), or the reason there were none.
@@ -221,6 +249,8 @@ pub struct Monitor {
     seen: Option<Seen>,
     last: Option<Judgement>,
     checked: Instant,
+    /// The stamps of the version last read, when they can be trusted to change with it.
+    trusted: Option<Stamps>,
 }
 
 /// Judges the blob of `config` before `serve` binds its socket: refuses a `--certs` that cannot
@@ -244,6 +274,7 @@ pub fn start(config: &Config) -> Result<Monitor, StartError> {
         seen: None,
         last: None,
         checked: Instant::now(),
+        trusted: None,
     };
     match monitor.store.fetch() {
         Fetch::Again(BlobError::Invalid { error, .. }) => {
@@ -257,7 +288,7 @@ pub fn start(config: &Config) -> Result<Monitor, StartError> {
             path.display()
         ),
         fetched => {
-            if let Some(j) = monitor.look(fetched) {
+            if let Some(Some(j)) = monitor.look(fetched) {
                 log_judgement(&j);
             }
         }
@@ -267,15 +298,16 @@ pub fn start(config: &Config) -> Result<Monitor, StartError> {
 
 impl Monitor {
     /// Judges what the store fetched when it differs from what was judged last (or the last
-    /// check is [`RECHECK_INTERVAL`] old); returns the judgement when its line is new.
-    fn look(&mut self, fetched: Fetch) -> Option<Judgement> {
+    /// check is [`RECHECK_INTERVAL`] old). `None` when it was a passing state (an updater at
+    /// work) and nothing was judged; otherwise the judgement when its line is new.
+    fn look(&mut self, fetched: Fetch) -> Option<Option<Judgement>> {
         let seen = match &fetched {
             Fetch::Table { lock: None, .. } => Seen::Not("missing".into()),
             Fetch::Table { bytes, .. } => Seen::Bytes(Arc::clone(bytes)),
             Fetch::Again(why) | Fetch::Io(why) => Seen::Not(why.to_string()),
         };
         if self.seen.as_ref() == Some(&seen) && self.checked.elapsed() < RECHECK_INTERVAL {
-            return None;
+            return Some(None);
         }
         let path = self.store.path();
         let judgement = match fetched {
@@ -294,7 +326,7 @@ impl Monitor {
         self.checked = Instant::now();
         let new = self.last.as_ref().map(|j| &j.line) != Some(&judgement.line);
         self.last = Some(judgement.clone());
-        new.then_some(judgement)
+        Some(new.then_some(judgement))
     }
 
     /// The last judgement, if there was one.
@@ -305,8 +337,17 @@ impl Monitor {
     /// Looks at the blob once: judges it if it changed, updates `metrics`, then logs the
     /// judgement if it is new.
     pub fn poll(&mut self, metrics: &Metrics) {
+        // Taken before the read: a change during it shows at the next look.
+        let (now, at) = (stamps(self.store.path()), SystemTime::now());
+        let unchanged = now.is_some() && now == self.trusted;
+        if unchanged && self.checked.elapsed() < RECHECK_INTERVAL {
+            return;
+        }
         let fetched = self.store.fetch();
-        let new = self.look(fetched);
+        let looked = self.look(fetched);
+        // Only a version that was read (not an updater's lock) vouches for its stamps.
+        self.trusted = looked.as_ref().and(now).filter(|s| settled(s, at));
+        let new = looked.flatten();
         if let Some(j) = &self.last {
             metrics.set_blob_judged(j.valid, j.vek_not_after);
         }
@@ -396,5 +437,34 @@ mod tests {
             waited: Duration::ZERO,
         };
         assert_eq!(judge_error(p, MissingCerts::Empty, &locked), None);
+    }
+
+    #[test]
+    fn an_unchanged_blob_is_not_read_again_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blob = dir.path().join("certs.blob");
+        let sample = crate::demo::sample_table();
+        std::fs::write(&blob, sample.as_bytes()).expect("write");
+        // Older than the racy window: its stamps can be trusted once it was read.
+        thread::sleep(RACY_WINDOW + Duration::from_millis(100));
+        let config = Config::new(dir.path().join("s.sock"), &blob);
+        let mut monitor = start(&config).expect("a blob");
+        let metrics = Metrics::new();
+        for _ in 0..5 {
+            monitor.poll(&metrics);
+        }
+        // The start, and the first look that learns the stamps: no fetch (no lock) after that.
+        assert_eq!(monitor.store.stats().path_checks, 2);
+        assert!(metrics.blob_judged().0);
+        // A rewrite in place changes the stamps: read and judged again.
+        let (ark, ask) = (&crate::demo::SAMPLE_CERTS[0], &crate::demo::SAMPLE_CERTS[1]);
+        let two =
+            coco_protocol::table::Table::build(&[(ark.0.guid(), ark.1), (ask.0.guid(), ask.1)])
+                .expect("table");
+        std::fs::write(&blob, two.as_bytes()).expect("rewrite");
+        monitor.poll(&metrics);
+        assert_eq!(monitor.store.stats().path_checks, 3);
+        let line = &monitor.last().expect("judged").line;
+        assert!(line.contains("no VCEK or VLEK"), "{line}");
     }
 }
