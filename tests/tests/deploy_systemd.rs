@@ -5,9 +5,9 @@
 //! lines, run as systemd would run them, serve a request through a socket-activated sidecar and
 //! install a staged blob.
 //!
-//! `systemd-analyze` and `systemd-socket-activate` come with Debian's `systemd` package:
-//! without them the tests that need them print one `SKIPPED:` line, and fail instead under
-//! COCO_REQUIRE_SYSTEMD=1 (CI installs the package and sets it).
+//! `systemd-analyze` and `systemd-socket-activate` come with Debian's `systemd` package
+//! (`tests/operator-kit/setup.sh` installs it): without them the tests that need them print
+//! one `SKIPPED:` line, and fail instead under COCO_REQUIRE_SYSTEMD=1.
 
 mod deploy_support;
 
