@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a statically linked coco-sidecar (glibc, -C target-feature=+crt-static) for the
-# container image and prints its path.
+# container images and for nodes, writes its SHA-256 beside it (BIN.sha256, in sha256sum's
+# format) and prints its path.
 # Usage: deploy/build-static.sh [--profile release|dev] [--bin coco-sidecar|coco-kubevirt-hook]
 #
 # It uses its own target directory (default: $CARGO_TARGET_DIR/static, or target/static) so
@@ -41,4 +42,7 @@ if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
   echo "build-static.sh: $bin is dynamically linked" >&2
   exit 1
 fi
+# The checksum travels with the binary to the node: `sha256sum --check coco-sidecar.sha256`
+# there (deploy/install-node.sh does).
+(cd "$(dirname "$bin")" && sha256sum "$bin_name" >"$bin_name.sha256")
 echo "$bin"

@@ -416,6 +416,9 @@ pub struct BlobStore {
     reverify: Duration,
     /// Watch the path with inotify when possible (tests turn it off to test `stat` alone).
     watch: bool,
+    /// Log why a fetch is answered EAGAIN (off for stores that only judge the blob: their
+    /// callers say it themselves, once).
+    log_errors: bool,
     empty: Arc<[u8]>,
     current: Mutex<Option<Arc<OpenBlob>>>,
     cache: Mutex<Option<Cached>>,
@@ -440,6 +443,7 @@ impl BlobStore {
             racy_window: RACY_WINDOW,
             reverify: REVERIFY_INTERVAL,
             watch: true,
+            log_errors: true,
             empty: Arc::from(&EMPTY_TABLE[..]),
             current: Mutex::new(None),
             cache: Mutex::new(None),
@@ -448,6 +452,20 @@ impl BlobStore {
             lock_wait_seconds: Histogram::default(),
             errors: Mutex::new(LogGate::default()),
         }
+    }
+
+    /// The same store, checking the path with `stat` on every fetch instead of keeping an
+    /// inotify instance (for a caller that fetches rarely: instances are a per-user budget).
+    pub fn unwatched(mut self) -> BlobStore {
+        self.watch = false;
+        self
+    }
+
+    /// The same store, logging nothing: for callers that judge the blob and report it
+    /// themselves (start-up, the blob monitor, `/readyz`).
+    pub fn quiet(mut self) -> BlobStore {
+        self.log_errors = false;
+        self
     }
 
     /// The blob's path.
@@ -745,6 +763,9 @@ impl BlobStore {
     }
 
     fn fail_again(&self, why: BlobError) -> Fetch {
+        if !self.log_errors {
+            return Fetch::Again(why);
+        }
         let message = why.to_string();
         if let Some(suppressed) = lock(&self.errors).admit(&message) {
             if suppressed > 0 {

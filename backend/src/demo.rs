@@ -79,14 +79,13 @@ fn run_in(dir: PathBuf) -> Result<String, DemoError> {
     let flow = (|| -> Result<(), DemoError> {
         let _ = writeln!(
             out,
-            "coco-sidecar demo: serving a SAMPLE chain (not AMD's) from {}",
-            blob.display()
-        );
-        let _ = writeln!(
-            out,
-            "  blob: {} bytes, {} entries\n",
-            table.as_bytes().len(),
-            table.entries().len()
+            "coco-sidecar demo: a confidential VM asks for its certificate chain (no hardware \
+             needed)\n\n\
+             The sidecar serves a SAMPLE chain, made for this demo and not AMD's (it attests \
+             nothing):\n  {} ({} certificates: ARK, ASK, VCEK; {} bytes)\n",
+            blob.display(),
+            table.entries().len(),
+            table.as_bytes().len()
         );
 
         let ram = memfd::MemfdOptions::default()
@@ -97,18 +96,10 @@ fn run_in(dir: PathBuf) -> Result<String, DemoError> {
             .map_err(|e| DemoError::Io("sizing guest RAM", e))?;
         ram.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])?;
 
+        // This process plays QEMU: it connects, shares guest RAM and forwards the guest's
+        // requests as KVM hands them over.
         let mut vmm = Frontend::connect(&socket)?;
-        let _ = writeln!(
-            out,
-            "VMM: connected, protocol features {:#x}",
-            vmm.protocol_features()
-        );
         let caps = vmm.caps()?;
-        let _ = writeln!(
-            out,
-            "VMM: capabilities: ABIs {:#b}, COCO sub-types {:#b}, lease timeout {} ms",
-            caps.abis, caps.coco_subtypes, caps.lease_timeout_ms
-        );
         vmm.set_mem_table(&[MemoryRegion {
             guest_phys_addr: 0,
             size: GUEST_RAM,
@@ -118,24 +109,25 @@ fn run_in(dir: PathBuf) -> Result<String, DemoError> {
         }])?;
         let _ = writeln!(
             out,
-            "VMM: shared {} MiB of guest RAM as a memfd\n",
-            GUEST_RAM >> 20
+            "QEMU (played by this demo) connects to the sidecar's socket and shares the guest's \
+             RAM ({} MiB) with it.\nThe sidecar can answer both kernels' certificate \
+             requests, and holds the lock on the blob for a request until it reaches \
+             firmware (at most {} ms).\n",
+            GUEST_RAM >> 20,
+            caps.lease_timeout_ms
         );
 
-        for abi in Abi::ALL {
-            let _ = writeln!(out, "-- {abi:?} records --");
-            let probe = vmm.request_certs(abi, 0, BUFFER_GPA, 0)?;
+        for (step, abi) in Abi::ALL.iter().rev().enumerate() {
+            let _ = writeln!(out, "{}. A guest on {}:", step + 1, kernel_name(*abi));
+            let probe = vmm.request_certs(*abi, 0, BUFFER_GPA, 0)?;
             let _ = writeln!(
                 out,
-                "guest: npages=0 probe            -> ret {:?}, npages {}",
-                probe.ret, probe.npages
+                "   It asks how much room the chain needs (it offers 0 pages).\n     -> {}: \
+                 it needs {} page(s) of 4 KiB.",
+                ret_words(probe.ret),
+                probe.npages
             );
-            let reply = vmm.request_certs(abi, 0, BUFFER_GPA, probe.npages)?;
-            let _ = writeln!(
-                out,
-                "guest: retry with npages={}       -> ret {:?}, lease {}",
-                probe.npages, reply.ret, reply.lease
-            );
+            let reply = vmm.request_certs(*abi, 0, BUFFER_GPA, probe.npages)?;
             let mut got = vec![0u8; table.as_bytes().len()];
             ram.as_file()
                 .read_at(&mut got, BUFFER_GPA)
@@ -146,21 +138,26 @@ fn run_in(dir: PathBuf) -> Result<String, DemoError> {
                     "guest memory differs from the blob".into(),
                 ));
             }
-            let _ = writeln!(out, "guest: table at {BUFFER_GPA:#x}:");
-            for e in seen.entries() {
-                let kind = e.kind().map_or("unknown", |k| k.name());
-                let _ = writeln!(
-                    out,
-                    "  {:<5} {}  offset {:5}  length {:5}",
-                    kind, e.guid, e.offset, e.length
-                );
-            }
-            let _ = writeln!(out, "  (terminator: 24 zero bytes)");
+            let kinds: Vec<&str> = seen
+                .entries()
+                .iter()
+                .map(|e| e.kind().map_or("unknown", |k| k.name()))
+                .collect();
+            let _ = writeln!(
+                out,
+                "   It asks again with {} page(s) at guest address {BUFFER_GPA:#x}.\n     -> \
+                 {}: the sidecar wrote the table into the guest's memory ({}, then the \
+                 all-zero end entry); the guest hands it to its verifier with the attestation \
+                 report.",
+                probe.npages,
+                ret_words(reply.ret),
+                kinds.join(", ")
+            );
             vmm.done(reply.lease)?;
             let _ = writeln!(
                 out,
-                "VMM: request reached firmware -> DONE, lease {} released\n",
-                reply.lease
+                "   The request reached firmware: QEMU says so, and the sidecar releases the \
+                 lock it held on the blob meanwhile, so that an updater can change it.\n"
             );
         }
         Ok(())
@@ -173,9 +170,34 @@ fn run_in(dir: PathBuf) -> Result<String, DemoError> {
     flow?;
     let _ = writeln!(
         out,
-        "demo finished: the sidecar stopped and removed its socket."
+        "Done: the sidecar stopped and removed its socket.\n\n\
+         Next:\n  \
+         - build a blob from AMD's certificates (snphost fetch) and check it:\n      \
+         coco-sidecar blob import DIR certs.blob && coco-sidecar blob check certs.blob\n  \
+         - serve it for one VM:\n      \
+         coco-sidecar serve --socket /run/coco-sidecar/vm1.sock --certs certs.blob\n  \
+         - point QEMU at that socket: docs/qemu.md; in Kubernetes: docs/kubernetes.md"
     );
     Ok(out)
+}
+
+/// The kernel that hands a guest's request to QEMU with records of `abi`.
+fn kernel_name(abi: Abi) -> &'static str {
+    match abi {
+        Abi::SnpReqCerts => "Linux 7.0 or later (the KVM_EXIT_SNP_REQ_CERTS exit)",
+        Abi::CocoRfc => "a kernel with the RFC series (the KVM_EXIT_COCO exit)",
+    }
+}
+
+/// What a `ret` value means to the guest.
+fn ret_words(ret: coco_protocol::CertsRet) -> &'static str {
+    use coco_protocol::CertsRet;
+    match ret {
+        CertsRet::Ok => "0, success",
+        CertsRet::NoSpace => "ENOSPC, too small",
+        CertsRet::Again => "EAGAIN, try again soon",
+        CertsRet::Io => "EIO, failed for good",
+    }
 }
 
 #[cfg(test)]

@@ -183,7 +183,7 @@ pub fn blob_ready(
     lock_wait: Duration,
     missing: MissingCerts,
 ) -> Result<BlobState, HealthError> {
-    let store = BlobStore::new(path, lock_wait, missing);
+    let store = BlobStore::new(path, lock_wait, missing).unwatched().quiet();
     match store.fetch() {
         // Only a missing blob comes without a locked file.
         Fetch::Table { lock: None, .. } => Ok(BlobState::AbsentServedEmpty),

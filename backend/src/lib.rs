@@ -1,8 +1,10 @@
 //! coco-sidecar: serves AMD SEV-SNP certificate tables to a VMM's guests over a
 //! vhost-user-framed Unix socket. `main.rs` only parses arguments; everything else is here.
 
+pub mod argpath;
 pub mod blob;
 pub mod certs;
+pub mod cli_docs;
 pub mod config;
 pub mod demo;
 pub mod eagain;
@@ -12,6 +14,7 @@ pub mod listen;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod monitor;
 pub mod ofd;
 pub mod rlimit;
 pub mod seccomp;

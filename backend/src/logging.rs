@@ -9,10 +9,49 @@
 //! part an operator needs; this is a map and a counter around `env_logger`.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{Level, Log, Metadata, Record};
+
+/// How log lines are written on standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `[2026-01-01T00:00:00Z INFO  coco_sidecar::server] message`, for people (and journald,
+    /// which adds its own time stamp and keeps the line).
+    #[default]
+    Text,
+    /// One JSON object per line, `{"ts":"2026-01-01T00:00:00.123Z","level":"INFO",
+    /// "target":"coco_sidecar::server","msg":"..."}`, for log collectors (journald's JSON
+    /// export, Kubernetes log pipelines) that parse fields instead of text.
+    Json,
+}
+
+/// Writes one record as a JSON object on one line (serde_json escapes newlines in messages).
+fn write_json(buf: &mut impl Write, record: &Record<'_>) -> std::io::Result<()> {
+    let line = serde_json::json!({
+        "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "level": record.level().as_str(),
+        "target": record.target(),
+        "msg": record.args().to_string(),
+    });
+    writeln!(buf, "{line}")
+}
+
+/// Installs the process's logger: `env_logger` (`RUST_LOG`, `default_level` without it) in
+/// `format`, behind [`RateLimited`].
+pub fn init(default_level: &str, format: Format) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level));
+    if format == Format::Json {
+        builder.format(write_json);
+    }
+    let logger = builder.build();
+    log::set_max_level(logger.filter());
+    // Peers decide how often most lines are logged: each call site gets a bounded rate.
+    let _ = log::set_boxed_logger(Box::new(RateLimited::new(logger)));
+}
 
 /// Lines one call site may log per window.
 pub const BURST: u32 = 20;
@@ -141,6 +180,28 @@ mod tests {
             .line(Some(line))
             .args(format_args!("line {line}"))
             .build());
+    }
+
+    #[test]
+    fn json_lines_are_one_object_each_with_the_message_escaped() {
+        let mut out = Vec::new();
+        write_json(
+            &mut out,
+            &Record::builder()
+                .level(Level::Warn)
+                .target("coco_sidecar::monitor")
+                .args(format_args!("two\nlines \"quoted\""))
+                .build(),
+        )
+        .expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["target"], "coco_sidecar::monitor");
+        assert_eq!(v["msg"], "two\nlines \"quoted\"");
+        let ts = v["ts"].as_str().expect("ts");
+        assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
     }
 
     #[test]

@@ -3,18 +3,36 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use coco_sidecar::health::HealthOptions;
 use coco_sidecar::listen::{self, Listen};
 use coco_sidecar::tool::{self, check, files, install::InstallOptions};
-use coco_sidecar::{metrics, seccomp, Config, MissingCerts, Server, Shutdown};
+use coco_sidecar::{
+    cli_docs, logging, metrics, monitor, seccomp, Config, MissingCerts, Server, Shutdown,
+};
 
 /// Serves AMD SEV-SNP certificate tables to a VMM's confidential guests.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines on standard error as text, or as one JSON object per line for log collectors
+    /// (journald, Kubernetes log pipelines).
+    #[arg(
+        long,
+        value_enum,
+        global = true,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: LogFormatArg,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +46,17 @@ enum Command {
     /// Build, inspect, check and update the certificate blob (see docs/operations.md).
     #[command(subcommand, after_help = BLOB_EXIT_STATUSES)]
     Blob(BlobCommand),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: cli_docs::Shell,
+    },
+    /// Write the man pages (coco-sidecar.1, coco-sidecar-serve.1, ...) into DIR.
+    Man {
+        /// Directory to write into (created if missing), e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 const BLOB_EXIT_STATUSES: &str = "Exit statuses: 0 good; 1 valid with warnings (check); \
@@ -92,9 +121,10 @@ struct ImportArgs {
     /// DIR has both a VCEK and a VLEK: use this one.
     #[arg(long = "use", value_enum, value_name = "KIND")]
     use_vek: Option<VekArg>,
-    /// Accept a DIR with neither VCEK nor VLEK.
-    #[arg(long)]
-    allow_no_vek: bool,
+    /// Accept a DIR without the ARK, the ASK/ASVK or the VCEK/VLEK (verifiers must then get
+    /// them elsewhere).
+    #[arg(long, alias = "allow-no-vek")]
+    allow_incomplete: bool,
     #[command(flatten)]
     wait: WaitArgs,
     #[command(flatten)]
@@ -207,7 +237,7 @@ impl TryFrom<BlobCommand> for tool::Command {
                         VekArg::Vcek => files::UseVek::Vcek,
                         VekArg::Vlek => files::UseVek::Vlek,
                     }),
-                    allow_no_vek: a.allow_no_vek,
+                    allow_incomplete: a.allow_incomplete,
                 },
                 dir: a.dir,
                 blob: a.blob,
@@ -476,8 +506,25 @@ impl TryFrom<ServeArgs> for Config {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+/// Why a command failed, and its exit status.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { message, code: 1 }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = Config::try_from(args)?;
+    // Before anything exists: a --certs that cannot be a blob is a mistake to fail on now.
+    let monitor = monitor::start(&config).map_err(|e| Failure {
+        message: e.to_string(),
+        code: tool::exit::INVALID,
+    })?;
     // Read once (by the conversion above); children must not mistake them for their own.
     // Single-threaded here, so changing the environment races with nothing.
     for var in listen::SYSTEMD_VARS {
@@ -498,6 +545,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         missing: config.missing_certs,
     };
     let server = Server::bind(config).map_err(|e| e.to_string())?;
+    monitor
+        .spawn(server.metrics())
+        .map_err(|e| format!("cannot start the blob monitor: {e}"))?;
     if let Some(exporter) = exporter {
         exporter
             .serve(server.metrics(), server.store(), readiness)
@@ -507,7 +557,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(filter) = filter {
         seccomp::install(&filter).map_err(|e| e.to_string())?;
     }
-    server.run(&shutdown).map_err(|e| e.to_string())
+    Ok(server.run(&shutdown).map_err(|e| e.to_string())?)
 }
 
 fn blob(command: BlobCommand) -> ExitCode {
@@ -518,6 +568,12 @@ fn blob(command: BlobCommand) -> ExitCode {
             ExitCode::from(tool::exit::FAILED)
         }
     }
+}
+
+/// Writes to standard output; a reader that went away (`| head`) is not an error.
+fn print_out(bytes: &[u8]) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(bytes);
 }
 
 fn main() -> ExitCode {
@@ -535,30 +591,45 @@ fn main() -> ExitCode {
     };
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Demo | Command::Blob(_) => "warn",
+        Command::Demo | Command::Blob(_) | Command::Completions { .. } | Command::Man { .. } => {
+            "warn"
+        }
         // The probe prints its one line itself.
         Command::Health(_) => "off",
     };
-    let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-            .build();
-    log::set_max_level(logger.filter());
-    // Peers decide how often most lines are logged: each call site gets a bounded rate.
-    let _ = log::set_boxed_logger(Box::new(coco_sidecar::logging::RateLimited::new(logger)));
+    let format = match cli.log_format {
+        LogFormatArg::Text => logging::Format::Text,
+        LogFormatArg::Json => logging::Format::Json,
+    };
+    logging::init(default_level, format);
     let result = match cli.command {
         Command::Blob(command) => return blob(command),
         Command::Health(args) => return health(args),
         Command::Serve(args) => serve(args),
+        Command::Completions { shell } => {
+            print_out(&cli_docs::completions(Cli::command(), shell));
+            Ok(())
+        }
+        Command::Man { dir } => cli_docs::man_pages(Cli::command(), &dir)
+            .map(|pages| {
+                let list: String = pages.iter().map(|p| format!("{}\n", p.display())).collect();
+                print_out(list.as_bytes());
+            })
+            .map_err(|e| Failure::from(format!("DIR {}: {e}", dir.display()))),
         Command::Demo => coco_sidecar::demo::run()
             .map(|report| print!("{report}"))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| Failure::from(e.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            eprintln!("coco-sidecar: {e}");
-            ExitCode::FAILURE
+        Err(Failure { message, code }) => {
+            // One line: through the log where it is on (in its format), else plainly.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{message}");
+            } else {
+                eprintln!("coco-sidecar: {message}");
+            }
+            ExitCode::from(code)
         }
     }
 }

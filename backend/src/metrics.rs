@@ -163,12 +163,19 @@ pub struct Metrics {
     dropped: AtomicU64,
     /// Whether the accept loop runs (`/healthz`).
     serving: AtomicBool,
+    /// The blob monitor's last judgement: servable and `blob check` finds no error.
+    blob_valid: AtomicBool,
+    /// The VCEK's or VLEK's `notAfter`, Unix seconds; -1 when the blob has none.
+    vek_not_after: AtomicI64,
 }
 
 impl Metrics {
-    /// All zero.
+    /// All zero, the blob not judged yet (no VCEK/VLEK expiry).
     pub fn new() -> Metrics {
-        Metrics::default()
+        Metrics {
+            vek_not_after: AtomicI64::new(-1),
+            ..Metrics::default()
+        }
     }
 
     /// A COCO_EXIT was handled in `took`; `reply` is what goes back to the frontend.
@@ -249,6 +256,23 @@ impl Metrics {
     /// Whether the accept loop runs.
     pub fn serving(&self) -> bool {
         self.serving.load(Ordering::Relaxed)
+    }
+
+    /// The blob was judged ([`crate::monitor`]): `valid` when servable and `blob check` finds
+    /// no error, with its VCEK's or VLEK's `notAfter` (Unix seconds) when it has one.
+    pub fn set_blob_judged(&self, valid: bool, vek_not_after: Option<u64>) {
+        self.blob_valid.store(valid, Ordering::Relaxed);
+        let at = vek_not_after.map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX));
+        self.vek_not_after.store(at, Ordering::Relaxed);
+    }
+
+    /// The blob monitor's last judgement: (valid, VCEK/VLEK `notAfter`).
+    pub fn blob_judged(&self) -> (bool, Option<u64>) {
+        let at = self.vek_not_after.load(Ordering::Relaxed);
+        (
+            self.blob_valid.load(Ordering::Relaxed),
+            u64::try_from(at).ok(),
+        )
     }
 
     /// A connection was accepted and closed at once (a limit or a policy refused it).
@@ -427,10 +451,27 @@ impl Collector for Exposition {
                  before the first request and where it cannot be watched.",
                 i64::from(stats.watched),
             ),
+            (
+                "coco_sidecar_blob_valid",
+                "1 while the blob is servable and `blob check` finds no error in it (judged at \
+                 start and within a second of every change); 0 when it is missing, invalid, \
+                 or its chain has errors (expired, wrong signature).",
+                i64::from(m.blob_valid.load(Ordering::Relaxed)),
+            ),
         ];
         for (name, help, value) in gauges {
             let e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value).encode(e)?;
+        }
+        if let (_, Some(at)) = m.blob_judged() {
+            let e = encoder.encode_descriptor(
+                "coco_sidecar_blob_vek_not_after_timestamp_seconds",
+                "End of validity (notAfter) of the blob's VCEK or VLEK, seconds since the Unix \
+                 epoch; absent while the blob has none.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(at).unwrap_or(i64::MAX)).encode(e)?;
         }
         Ok(())
     }

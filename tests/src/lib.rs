@@ -657,3 +657,27 @@ impl Drop for TmpfsMount {
         }
     }
 }
+
+/// A blob of AMD's real Turin chain (tests/fixtures/amd: ARK, ASK, VCEK), built in `dir` by
+/// `coco-sidecar blob import` as an operator builds one from `snphost fetch`'s files.
+pub fn amd_turin_blob(dir: &Path) -> PathBuf {
+    let src = dir.join("turin-files");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/amd");
+    for (from, to) in [
+        ("ark-turin.pem", "ark.pem"),
+        ("ask-turin.pem", "ask.pem"),
+        ("vcek-turin.der", "vcek.der"),
+    ] {
+        std::fs::copy(fixtures.join(from), src.join(to)).expect("copy fixture");
+    }
+    let blob = dir.join("turin.blob");
+    let out = Command::new(sidecar_bin())
+        .args(["blob", "import"])
+        .arg(&src)
+        .arg(&blob)
+        .output()
+        .expect("blob import");
+    assert!(out.status.success(), "{out:?}");
+    blob
+}

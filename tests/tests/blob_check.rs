@@ -453,8 +453,20 @@ fn vlek_chain_and_swapped_signers() {
             (CertKind::Vlek, &synth("vlek")),
         ]),
     );
-    let (code, out) = check(&b, &["--at", AT, "--expect-tcb", "snp=22"]);
+    let (code, out) = check(
+        &b,
+        &["--at", AT, "--expect-tcb", "bl=7,tee=0,snp=22,ucode=84"],
+    );
     assert_eq!(code, 1, "{out}");
+    // A part of the TCB is not a check of it (issue 14).
+    let (code, partial) = check(&b, &["--at", AT, "--expect-tcb", "snp=22"]);
+    assert_eq!(code, 2, "{partial}");
+    assert!(
+        partial.contains(
+            "TCB not fully checked: snp=22 matched, but --expect-tcb leaves out bl, tee, ucode"
+        ),
+        "{partial}"
+    );
     assert!(out.contains("[1] asvk: signed by the ARK"), "{out}");
     assert!(out.contains("[2] vlek: signed by the ASVK"), "{out}");
     let o = blob(&["show", b.to_str().expect("utf-8")]);

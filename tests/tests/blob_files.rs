@@ -252,7 +252,7 @@ fn import_refuses_what_it_cannot_place() {
                 ("synthetic/ask.der", "ask.der"),
             ],
             &[],
-            "pass --allow-no-vek",
+            "or pass --allow-incomplete",
         ),
         (
             "certificate where a CRL belongs",
@@ -260,7 +260,7 @@ fn import_refuses_what_it_cannot_place() {
                 ("synthetic/vcek.der", "vcek.der"),
                 ("synthetic/ark.der", "crl.der"),
             ],
-            &[],
+            &["--allow-incomplete"],
             "not a DER X.509 CRL",
         ),
         (
@@ -269,7 +269,7 @@ fn import_refuses_what_it_cannot_place() {
                 ("synthetic/vcek.der", "vcek.der"),
                 ("amd/ark-milan.pem", "crl.pem"),
             ],
-            &[],
+            &["--allow-incomplete"],
             "PEM block is \"CERTIFICATE\", expected \"X509 CRL\"",
         ),
         (
@@ -309,7 +309,7 @@ fn opaque_entries_round_trip_as_guid_files() {
     let guid = "11111111-2222-3333-4444-555555555555";
     std::fs::write(src.join(format!("{guid}.bin")), b"vendor data").expect("write");
     let b = r.join("b.blob");
-    let o = import(&src, &b, &[]);
+    let o = import(&src, &b, &["--allow-incomplete"]);
     assert!(o.status.success(), "{}", text(&o));
     let out = r.join("out");
     let o = blob(&[p("export"), &b, &out]);
@@ -382,4 +382,211 @@ fn failures_exit_with_the_documented_statuses() {
     );
     updater.release();
     assert_eq!(std::fs::read(&served).expect("read"), before, "unchanged");
+}
+
+/// The AMD Turin chain's files, as snphost writes them.
+const TURIN: [(&str, &str); 3] = [
+    ("amd/ark-turin.pem", "ark.pem"),
+    ("amd/ask-turin.pem", "ask.pem"),
+    ("amd/vcek-turin.der", "vcek.der"),
+];
+
+#[test]
+fn arguments_mixed_up_are_named_with_the_fix() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let certs = dir_with(r, "certs", &TURIN);
+    let good = r.join("good.blob");
+    assert!(import(&certs, &good, &[]).status.success());
+    // (arguments, exit status, what the message must say)
+    let vcek = certs.join("vcek.der");
+    let (x, under_file, no_dir) = (
+        r.join("x.blob"),
+        vcek.join("certs.blob"),
+        r.join("no/such/dir/certs.blob"),
+    );
+    let cases: Vec<(Vec<&Path>, i32, String)> = vec![
+        // A blob where the directory goes.
+        (
+            vec![p("import"), &good, &x],
+            3,
+            format!("DIR {}: is a file, not a directory", good.display()),
+        ),
+        // A directory where a blob goes.
+        (
+            vec![p("show"), &certs],
+            3,
+            format!("BLOB {}: is a directory, not a blob file", certs.display()),
+        ),
+        (
+            vec![p("install"), &certs, &good],
+            3,
+            format!("NEW {}: is a directory", certs.display()),
+        ),
+        (
+            vec![p("install"), &good, &certs],
+            3,
+            format!("BLOB {}: is a directory", certs.display()),
+        ),
+        // Under a file: the file is named, not "Not a directory (os error 20)".
+        (
+            vec![p("check"), &under_file],
+            3,
+            format!("{} is a file, not a directory", vcek.display()),
+        ),
+        (
+            vec![p("install"), &good, &no_dir],
+            3,
+            format!("({} does not exist either)", r.join("no").display()),
+        ),
+        (
+            vec![p("lock"), &certs, p("--"), p("true")],
+            125,
+            format!("BLOB {}: is a directory", certs.display()),
+        ),
+        // A blob where export's output directory goes.
+        (
+            vec![p("export"), &good, &good],
+            3,
+            format!(
+                "DIR {}: is a file, not a directory: export writes",
+                good.display()
+            ),
+        ),
+        // The parent of the certificate directory: import names the one to give.
+        (
+            vec![p("import"), r, &x],
+            2,
+            format!("`coco-sidecar blob import {} BLOB`?", certs.display()),
+        ),
+    ];
+    for (args, code, message) in cases {
+        let o = blob(&args);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(&message),
+            "{args:?}: {message:?} in {}",
+            text(&o)
+        );
+        assert!(!text(&o).contains("os error"), "{args:?}: {}", text(&o));
+    }
+    assert!(!r.join("x.blob").exists());
+}
+
+#[test]
+fn an_incomplete_chain_is_refused_unless_allowed_and_warnings_are_counted() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let no_ark = dir_with(r, "no-ark", &TURIN[1..]);
+    let out = r.join("out.blob");
+    let o = import(&no_ark, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("the directory has no ark.*"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("--allow-incomplete"), "{}", text(&o));
+    assert!(!out.exists());
+    let no_ask = dir_with(r, "no-ask", &[TURIN[0], TURIN[2]]);
+    let o = import(&no_ask, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("has no ask.*"), "{}", text(&o));
+
+    // Allowed: installed, and the success line says how many warnings came with it (the
+    // missing ARK, and the ASK's signature that nothing checks).
+    let o = import(&no_ark, &out, &["--allow-incomplete"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("created (2 entries"), "{stdout}");
+    assert!(stdout.contains("2 warning(s), printed above"), "{stdout}");
+    let complete = dir_with(r, "complete", &TURIN);
+    let o = import(&complete, &r.join("ok.blob"), &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("; no warnings)"),
+        "{}",
+        text(&o)
+    );
+
+    // --strict refuses warnings without calling the blob invalid.
+    let o = blob(&[p("install"), &out, &r.join("ok.blob"), p("--strict")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused under --strict: ")
+            && text(&o).contains("is valid but has 2 warning(s)"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !text(&o).contains("not a valid certificate blob"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_broken_pem_file_is_refused_with_its_line() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let d = dir_with(r, "d", &TURIN);
+    let ask = std::fs::read_to_string(d.join("ask.pem")).expect("read");
+    // Line 5 of ask.pem (the 4th line of base64) gets a character base64 does not have.
+    let mut lines: Vec<String> = ask.lines().map(str::to_owned).collect();
+    lines[4].replace_range(10..11, "#");
+    std::fs::write(d.join("ask.pem"), lines.join("\n") + "\n").expect("write");
+    let o = import(&d, &r.join("x.blob"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "{}: line 5: '#' in column 11 is not base64",
+            d.join("ask.pem").display()
+        )),
+        "{}",
+        text(&o)
+    );
+    // Cut after its fourth line: no END line.
+    std::fs::write(d.join("ask.pem"), lines[..4].join("\n")).expect("write");
+    let o = import(&d, &r.join("x.blob"), &[]);
+    assert!(
+        text(&o).contains(
+            "line 1: \"-----BEGIN CERTIFICATE-----\" has no \"-----END CERTIFICATE-----\" line"
+        ),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn show_prints_the_expect_tcb_value_and_check_wants_all_of_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let b = r.join("turin.blob");
+    assert!(import(&dir_with(r, "t", &TURIN), &b, &[]).status.success());
+    // The Turin VCEK's TCB extensions (openssl asn1parse of vcek-turin.der): fmcSPL 0, blSPL
+    // 0, teeSPL 0, snpSPL 0, ucodeSPL 9.
+    let value = "bl=0,tee=0,snp=0,ucode=9,fmc=0";
+    let o = blob(&[p("show"), &b]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("\n  --expect-tcb {value}\n")),
+        "{}",
+        text(&o)
+    );
+    let o = blob(&[p("show"), &b, p("--json")]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["expect_tcb"], value);
+    // The value passes check; leaving out fmc, which a Turin VCEK carries, does not.
+    let o = blob(&[p("check"), &b, p("--expect-tcb"), p(value)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = blob(&[
+        p("check"),
+        &b,
+        p("--expect-tcb"),
+        p("bl=0,tee=0,snp=0,ucode=9"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("leaves out fmc, which this Turin VCEK carries"),
+        "{}",
+        text(&o)
+    );
 }

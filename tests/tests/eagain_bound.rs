@@ -153,8 +153,10 @@ fn invalid_missing_and_unreadable_blobs_are_bounded_too() {
     let (old, _) = old_and_new();
     let dir = tempfile::tempdir().expect("tempdir");
     let blob = dir.path().join("certs.blob");
-    std::fs::write(&blob, b"not a certificate table").expect("write");
+    // serve refuses to start on a file that is not a blob: it becomes one after the start.
+    std::fs::write(&blob, &old).expect("write");
     let sidecar = sidecar(&blob, &["--missing-certs", "again"]);
+    std::fs::write(&blob, b"not a certificate table").expect("write");
     let (mut fe, mem) = connect_with_ram(&sidecar.socket, POISON);
     eagain_then_empty(&mut fe, &mem);
     assert_eq!(bound_passed(&sidecar), ["is not a valid certificate table"]);

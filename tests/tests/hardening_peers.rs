@@ -223,7 +223,8 @@ fn a_closed_connection_frees_its_descriptors_and_thread_at_once() {
     eventually(
         "the first connections are gone",
         Duration::from_secs(5),
-        || threads(pid) == 1,
+        // At rest: the accept loop and the blob monitor (monitor.rs).
+        || threads(pid) == 2,
     );
     let (fds0, threads0) = (fd_count(pid), threads(pid));
     let mems: Vec<GuestMem> = (0..8).map(|_| GuestMem::new(MIB, 0)).collect();

@@ -41,6 +41,45 @@ pub const TCB_KEYS: [&str; 9] = [
     "bl", "tee", "snp", "ucode", "fmc", "spl4", "spl5", "spl6", "spl7",
 ];
 
+/// The TCB components of a VCEK or VLEK that `--expect-tcb` must name, in the order it prints
+/// them: those of every generation, and `fmc` where the generation has it (Turin).
+pub const TCB_GENERATION_KEYS: [&str; 5] = ["bl", "tee", "snp", "ucode", "fmc"];
+
+/// The VCEK's (or VLEK's) TCB as `--expect-tcb` takes it: every component of its generation
+/// that it carries (`bl=3,tee=0,snp=8,ucode=115`, and `fmc=...` on Turin). `None` without any.
+pub fn expect_tcb_value(cert: &Cert) -> Option<String> {
+    let parts: Vec<String> = TCB_GENERATION_KEYS
+        .iter()
+        .filter_map(|k| cert.tcb_value(k).map(|v| format!("{k}={v}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+/// The product generation a VCEK or VLEK names (`Milan-B0`, `Turin`), from its productName
+/// extension.
+pub fn vek_product(cert: &Cert) -> Option<String> {
+    cert.amd_extensions()
+        .into_iter()
+        .find(|e| e.key == "product_name")
+        .map(|e| e.value.to_string())
+        .filter(|p| !p.is_empty())
+}
+
+/// What an operator wants to know of the blob's VCEK or VLEK at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VekSummary {
+    /// `vcek` or `vlek`.
+    pub kind: String,
+    /// The product generation it names (`Milan-B0`, `Turin`), if it names one.
+    pub product: Option<String>,
+    /// Its TCB as `--expect-tcb` takes it, if it carries one.
+    pub tcb: Option<String>,
+    /// End of its validity, RFC 3339.
+    pub not_after: String,
+    /// End of its validity, seconds since the Unix epoch.
+    pub not_after_unix: u64,
+}
+
 /// Bad `blob check` options.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CheckError {
@@ -95,6 +134,9 @@ pub struct Report {
     pub checked_at: String,
     /// The findings, in the order they were made.
     pub findings: Vec<Finding>,
+    /// The VCEK or VLEK, when the blob has one that decodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vek: Option<VekSummary>,
 }
 
 impl Report {
@@ -146,16 +188,22 @@ impl Report {
     }
 }
 
+impl Finding {
+    /// The finding without its level: `[2] vcek: expired on ...`.
+    pub fn what(&self) -> String {
+        let at = match (&self.entry, &self.kind) {
+            (Some(i), Some(k)) => format!("[{i}] {k}: "),
+            (Some(i), None) => format!("[{i}]: "),
+            (None, Some(k)) => format!("{k}: "),
+            (None, None) => String::new(),
+        };
+        format!("{at}{}", self.message)
+    }
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:<8}", self.level.to_string())?;
-        match (&self.entry, &self.kind) {
-            (Some(i), Some(k)) => write!(f, "[{i}] {k}: ")?,
-            (Some(i), None) => write!(f, "[{i}]: ")?,
-            (None, Some(k)) => write!(f, "{k}: ")?,
-            (None, None) => {}
-        }
-        f.write_str(&self.message)
+        write!(f, "{:<8}{}", self.level.to_string(), self.what())
     }
 }
 
@@ -226,7 +274,7 @@ pub fn parse_expect_tcb(text: &str) -> Result<Vec<(String, u64)>, CheckError> {
 }
 
 /// What to do about a structural error.
-fn structure_hint(e: &TableError) -> &'static str {
+pub fn structure_hint(e: &TableError) -> &'static str {
     match e {
         TableError::NoTerminator(_) => {
             "the file is truncated, or is not a GHCB certificate table (rebuild it with `blob import`)"
@@ -326,18 +374,18 @@ pub fn check(bytes: &[u8], opts: &CheckOptions) -> Report {
         }
     };
     let entries = table.as_ref().map_or(0, |t| t.entries().len());
-    if let Some(table) = table {
-        check_table(&mut c, &table, opts);
-    }
+    let vek = table.and_then(|table| check_table(&mut c, &table, opts));
     Report {
         size: bytes.len(),
         entries,
         checked_at: fmt_time(opts.at),
         findings: c.findings,
+        vek,
     }
 }
 
-fn check_table(c: &mut Checker, table: &Table, opts: &CheckOptions) {
+/// Checks a structurally valid table; returns the summary of its VCEK or VLEK.
+fn check_table(c: &mut Checker, table: &Table, opts: &CheckOptions) -> Option<VekSummary> {
     let len = table.as_bytes().len();
     if len > LINUX_GUEST_MAX_BYTES {
         c.add(
@@ -411,6 +459,17 @@ fn check_table(c: &mut Checker, table: &Table, opts: &CheckOptions) {
     if let Some((index, list)) = crl {
         check_crl(c, index, &list, ark.as_ref(), ask.as_ref(), opts.at);
     }
+    vek.map(|v| VekSummary {
+        kind: v.label.to_owned(),
+        product: vek_product(&v.cert),
+        tcb: expect_tcb_value(&v.cert),
+        not_after: fmt_time(v.cert.not_after()),
+        not_after_unix: v
+            .cert
+            .not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })
 }
 
 fn check_rsa_key(c: &mut Checker, slot: &Slot) -> bool {
@@ -619,11 +678,33 @@ fn check_vek(c: &mut Checker, vek: Option<&Slot>, ask: Option<&Slot>, opts: &Che
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    if wrong.is_empty() {
+    // A component the VEK's generation has but the option leaves out is not checked: say so
+    // rather than pass (a Turin VCEK carries fmc).
+    let unchecked: Vec<String> = TCB_GENERATION_KEYS
+        .iter()
+        .filter(|k| !opts.expect_tcb.iter().any(|(e, _)| e == *k))
+        .filter_map(|k| vek.cert.tcb_value(k).map(|_| (*k).to_owned()))
+        .collect();
+    let name = vek.label.to_uppercase();
+    if wrong.is_empty() && unchecked.is_empty() {
         c.add(
             Level::Ok,
             vek.at(),
             format!("TCB matches the expected {}", expected.join(" ")),
+        );
+    } else if wrong.is_empty() {
+        let product = vek_product(&vek.cert).map_or(String::new(), |p| format!("{p} "));
+        c.add(
+            Level::Error,
+            vek.at(),
+            format!(
+                "TCB not fully checked: {} matched, but --expect-tcb leaves out {}, which this \
+                 {product}{name} carries: give every component, adding the host's reported \
+                 {} (snphost show tcb)",
+                expected.join(" "),
+                unchecked.join(", "),
+                unchecked.join(", ")
+            ),
         );
     } else {
         c.add(
@@ -633,8 +714,8 @@ fn check_vek(c: &mut Checker, vek: Option<&Slot>, ask: Option<&Slot>, opts: &Che
                 "TCB mismatch: {}: the {} was issued for another TCB than the firmware's; \
                  verifiers will reject the reports; fetch the {} for the current TCB",
                 wrong.join(", "),
-                vek.label.to_uppercase(),
-                vek.label.to_uppercase()
+                name,
+                name
             ),
         );
     }

@@ -22,6 +22,7 @@ use thiserror::Error;
 use super::check::{self, CheckOptions, Report};
 use super::journal::{self, JournalError, Recovered};
 use super::locking::{self, LockingError};
+use crate::argpath::{self, ArgPathError, Want};
 
 /// Permissions of a blob `install` creates: the sidecars may run as another user.
 const CREATE_MODE: u32 = 0o644;
@@ -29,8 +30,8 @@ const CREATE_MODE: u32 = 0o644;
 /// Why NEW was not installed.
 #[derive(Debug, Error)]
 pub enum InstallError {
-    /// NEW failed validation; BLOB is untouched.
-    #[error("refused, {what} is not a valid certificate blob ({}); {blob} is unchanged:\n{}", .report.verdict(), .report.problems())]
+    /// NEW failed validation (or, under `--strict`, had warnings); BLOB is untouched.
+    #[error("{}", refusal(what, blob, report))]
     Invalid {
         /// What was validated (a path, or "the imported files").
         what: String,
@@ -39,6 +40,9 @@ pub enum InstallError {
         /// The findings.
         report: Box<Report>,
     },
+    /// BLOB is not a path a blob can be installed at.
+    #[error(transparent)]
+    Path(#[from] ArgPathError),
     /// The lock was not taken; BLOB is untouched.
     #[error(transparent)]
     Locking(#[from] LockingError),
@@ -56,6 +60,50 @@ pub enum InstallError {
         /// The error.
         source: io::Error,
     },
+}
+
+/// Why NEW was refused: errors, or (under `--strict`) warnings alone, which do not make it
+/// invalid.
+fn refusal(what: &str, blob: &Path, report: &Report) -> String {
+    let (errors, warnings) = (report.errors(), report.warnings());
+    let problems = report.problems();
+    if errors > 0 {
+        format!(
+            "refused: {what} is not a valid certificate blob ({errors} error(s), {warnings} \
+             warning(s)); {} is unchanged:\n{problems}",
+            blob.display()
+        )
+    } else {
+        format!(
+            "refused under --strict: {what} is valid but has {warnings} warning(s); {} is \
+             unchanged (without --strict it would be installed with them):\n{problems}",
+            blob.display()
+        )
+    }
+}
+
+/// Checks BLOB before anything is written: a blob file, or nothing yet in a directory that
+/// exists (it is then created).
+pub fn check_blob_path(blob: &Path) -> Result<(), InstallError> {
+    argpath::check("BLOB", blob, Want::Blob)?;
+    match std::fs::symlink_metadata(blob) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = journal::directory(blob);
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(argpath::explain(
+                    "BLOB",
+                    blob,
+                    Want::Blob,
+                    io::Error::from_raw_os_error(libc::ENOTDIR),
+                )
+                .into()),
+                Err(e) => Err(argpath::explain("BLOB", blob, Want::Blob, e).into()),
+            }
+        }
+        Err(e) => Err(argpath::explain("BLOB", blob, Want::Blob, e).into()),
+    }
 }
 
 /// What `install` did.
@@ -121,6 +169,7 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> I
 /// Replaces the contents of `blob` (already validated bytes), creating it if absent.
 pub fn write_blob(new: &[u8], blob: &Path, wait: Duration) -> Result<Installed, InstallError> {
     locking::refuse_symlink(blob)?;
+    check_blob_path(blob)?;
     if !blob.exists() && create(new, blob)? {
         return Ok(Installed::Created);
     }
@@ -149,6 +198,7 @@ pub struct Recovery {
 /// `blob recover BLOB`: under the exclusive lock, finishes or drops an interrupted install
 /// and removes leftover temporary files, then validates BLOB as the sidecars do.
 pub fn recover(blob: &Path, wait: Duration) -> Result<Recovery, InstallError> {
+    argpath::check("BLOB", blob, Want::Blob)?;
     let file = locking::lock_exclusive(blob, wait)?;
     let (found, removed) = journal::recover(&file, blob)?;
     let mut bytes = Vec::new();

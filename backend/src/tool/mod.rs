@@ -17,12 +17,14 @@ pub mod show;
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coco_protocol::table::MAX_TABLE_BYTES;
 use thiserror::Error;
+
+use crate::argpath::{self, ArgPathError, Want};
 
 use check::CheckOptions;
 use files::{FilesError, Format, ImportOptions};
@@ -66,14 +68,9 @@ pub enum ToolError {
         "--at {0:?}: expected \"now\", an RFC 3339 time (2025-06-01T00:00:00Z) or @UNIX_SECONDS"
     )]
     BadTime(String),
-    /// A blob or certificate file that cannot be read.
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
+    /// A blob that cannot be read: the argument, what is wrong and what to do.
+    #[error(transparent)]
+    Read(#[from] ArgPathError),
     /// A blob larger than any table.
     #[error("{path}: {size} bytes is more than the {MAX_TABLE_BYTES} bytes a certificate table may have")]
     TooLarge {
@@ -105,12 +102,10 @@ pub fn parse_time(text: &str) -> Result<SystemTime, ToolError> {
     humantime::parse_rfc3339_weak(text).map_err(|_| bad())
 }
 
-/// Reads a blob (or NEW), refusing anything larger than a table can be.
-pub fn read_blob(path: &Path) -> Result<Vec<u8>, ToolError> {
-    let err = |source| ToolError::Read {
-        path: path.to_owned(),
-        source,
-    };
+/// Reads a blob given as `arg` (`BLOB`, `NEW`), refusing anything larger than a table can be.
+pub fn read_blob(arg: &'static str, path: &Path) -> Result<Vec<u8>, ToolError> {
+    argpath::check(arg, path, Want::Blob)?;
+    let err = |source| ToolError::Read(argpath::explain(arg, path, Want::Blob, source));
     let file = File::open(path).map_err(err)?;
     let size = file.metadata().map_err(err)?.len();
     if size > MAX_TABLE_BYTES as u64 {
@@ -203,10 +198,16 @@ fn fail(e: &dyn std::fmt::Display, code: u8) -> u8 {
     code
 }
 
-fn show_warnings(report: &check::Report) {
+/// Prints the report's warnings (an installed blob has no errors) on stderr, and returns what
+/// the success line says of them.
+fn show_warnings(report: &check::Report) -> String {
     let problems = report.problems();
     if !problems.is_empty() {
         eprint!("{problems}");
+    }
+    match report.warnings() {
+        0 => "no warnings".to_owned(),
+        n => format!("{n} warning(s), printed above: `coco-sidecar blob check` says more"),
     }
 }
 
@@ -220,7 +221,7 @@ fn install_code(e: &InstallError) -> u8 {
 
 fn files_code(e: &FilesError) -> u8 {
     match e {
-        FilesError::Io { .. } | FilesError::Exists(_) => exit::FAILED,
+        FilesError::Io { .. } | FilesError::Exists(_) | FilesError::Path(_) => exit::FAILED,
         _ => exit::INVALID,
     }
 }
@@ -249,9 +250,9 @@ pub fn run(cmd: Command) -> u8 {
             let what = format!("the blob built from {}", dir.display());
             match install::install(table.as_bytes(), &what, &blob, &install) {
                 Ok((done, report)) => {
-                    show_warnings(&report);
+                    let warnings = show_warnings(&report);
                     println!(
-                        "{}: {} ({} entries, {} bytes)",
+                        "{}: {} ({} entries, {} bytes; {warnings})",
                         blob.display(),
                         installed_word(done),
                         table.entries().len(),
@@ -268,7 +269,7 @@ pub fn run(cmd: Command) -> u8 {
             format,
             force,
         } => {
-            let bytes = match read_blob(&blob) {
+            let bytes = match read_blob("BLOB", &blob) {
                 Ok(b) => b,
                 Err(e) => return fail(&e, exit::FAILED),
             };
@@ -290,7 +291,7 @@ pub fn run(cmd: Command) -> u8 {
             }
         }
         Command::Show { blob, json } => {
-            let bytes = match read_blob(&blob) {
+            let bytes = match read_blob("BLOB", &blob) {
                 Ok(b) => b,
                 Err(e) => return fail(&e, exit::FAILED),
             };
@@ -313,7 +314,7 @@ pub fn run(cmd: Command) -> u8 {
             }
         }
         Command::Check { blob, opts, json } => {
-            let report = match read_blob(&blob) {
+            let report = match read_blob("BLOB", &blob) {
                 Ok(b) => check::check(&b, &opts),
                 Err(e @ ToolError::TooLarge { .. }) => return fail(&e, exit::INVALID),
                 Err(e) => return fail(&e, exit::FAILED),
@@ -329,7 +330,7 @@ pub fn run(cmd: Command) -> u8 {
             report.exit_code()
         }
         Command::Install { new, blob, opts } => {
-            let bytes = match read_blob(&new) {
+            let bytes = match read_blob("NEW", &new) {
                 Ok(b) => b,
                 Err(e @ ToolError::TooLarge { .. }) => return fail(&e, exit::INVALID),
                 Err(e) => return fail(&e, exit::FAILED),
@@ -337,9 +338,9 @@ pub fn run(cmd: Command) -> u8 {
             let what = new.display().to_string();
             match install::install(&bytes, &what, &blob, &opts) {
                 Ok((done, report)) => {
-                    show_warnings(&report);
+                    let warnings = show_warnings(&report);
                     println!(
-                        "{}: {} ({} bytes from {what})",
+                        "{}: {} ({} bytes from {what}; {warnings})",
                         blob.display(),
                         installed_word(done),
                         bytes.len()
@@ -387,7 +388,7 @@ pub fn run(cmd: Command) -> u8 {
             args,
         } => {
             let new = match &install {
-                Some((path, _)) => match read_blob(path) {
+                Some((path, _)) => match read_blob("--install NEW", path) {
                     Ok(b) => Some(b),
                     Err(e) => return fail(&e, exit::LOCK_FAILED),
                 },
@@ -401,6 +402,9 @@ pub fn run(cmd: Command) -> u8 {
                 (Some(bytes), Some((_, opts))) => Some((bytes.as_slice(), what.as_str(), opts)),
                 _ => None,
             };
+            if let Err(e) = argpath::check("BLOB", &blob, Want::Blob) {
+                return fail(&e, exit::LOCK_FAILED);
+            }
             match lock::run_locked(&blob, &program, &args, wait, install_new) {
                 Ok(outcome) => {
                     match outcome.installed {
@@ -428,6 +432,7 @@ pub fn run(cmd: Command) -> u8 {
 mod tests {
     use super::lock::LockError;
     use super::*;
+    use std::io;
 
     #[test]
     fn times_parse() {

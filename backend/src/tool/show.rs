@@ -7,6 +7,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::cert::{hex, Cert, Crl, ExtValue};
+use super::check::expect_tcb_value;
 use super::fmt_time;
 
 /// Why a blob cannot be shown.
@@ -104,6 +105,9 @@ pub struct BlobView {
     pub pages: u64,
     /// The entries.
     pub entries: Vec<EntryView>,
+    /// The VCEK's (or VLEK's) TCB as `blob check --expect-tcb` takes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_tcb: Option<String>,
 }
 
 fn ext_json(v: &ExtValue) -> serde_json::Value {
@@ -154,6 +158,7 @@ pub fn view(bytes: &[u8]) -> Result<BlobView, ShowError> {
         .entries()
         .iter()
         .any(|e| e.kind() == Some(CertKind::Vlek));
+    let mut expect_tcb = None;
     let entries = table
         .entries()
         .iter()
@@ -181,8 +186,13 @@ pub fn view(bytes: &[u8]) -> Result<BlobView, ShowError> {
                     Ok(c) => v.crl = Some(crl_view(&c)),
                     Err(err) => v.error = Some(err.to_string()),
                 },
-                Some(_) => match Cert::from_der(data) {
-                    Ok(c) => v.certificate = Some(cert_view(&c)),
+                Some(kind) => match Cert::from_der(data) {
+                    Ok(c) => {
+                        if matches!(kind, CertKind::Vcek | CertKind::Vlek) {
+                            expect_tcb = expect_tcb_value(&c);
+                        }
+                        v.certificate = Some(cert_view(&c));
+                    }
                     Err(err) => v.error = Some(err.to_string()),
                 },
             }
@@ -193,6 +203,7 @@ pub fn view(bytes: &[u8]) -> Result<BlobView, ShowError> {
         size: table.as_bytes().len(),
         pages: table.pages(),
         entries,
+        expect_tcb,
     })
 }
 
@@ -250,6 +261,13 @@ pub fn to_text(view: &BlobView) -> String {
         if let Some(err) = &e.error {
             let _ = writeln!(out, "    error      {err}");
         }
+    }
+    if let Some(tcb) = &view.expect_tcb {
+        let _ = writeln!(
+            out,
+            "\nThe TCB this blob was issued for, as `blob check` takes it; it must equal the \
+             host's reported TCB (`snphost show tcb`):\n  --expect-tcb {tcb}"
+        );
     }
     out
 }
