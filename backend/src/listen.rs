@@ -390,7 +390,7 @@ fn temporary_name(path: &Path) -> Option<PathBuf> {
 
 /// Creates a listening socket at `path` whose file has exactly `mode`, and that appears at
 /// `path` only once it accepts connections: it is bound under a temporary name next to `path`
-/// (`PATH~PID`, [`temporary_name`]), given its mode (fchmod before bind, so the file is created with `mode` minus
+/// (`PATH~PID`, `temporary_name`), given its mode (fchmod before bind, so the file is created with `mode` minus
 /// the umask, never wider; then chmod to exactly `mode`), put in the listening state, and
 /// renamed to `path`. A client that sees the path can connect; none can connect under a
 /// wider mode. Returns the socket and the identity of its file.

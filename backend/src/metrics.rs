@@ -528,8 +528,8 @@ impl Exporter {
     }
 
     /// Serves `GET /metrics`, `/healthz` and `/readyz` for as long as the process runs: each
-    /// scrape on a thread of its own, at most [`MAX_SCRAPES`] at once, each bounded by
-    /// [`SCRAPE_IO_TIMEOUT`] for its request and again for its answer.
+    /// scrape on a thread of its own, at most 16 at once (`MAX_SCRAPES`), each bounded by
+    /// 1 s (`SCRAPE_IO_TIMEOUT`) for its request and again for its answer.
     pub fn serve(
         self,
         metrics: Arc<Metrics>,

@@ -8,6 +8,8 @@
 //! - [`transport`]: sending and receiving one framed message with file descriptors.
 //! - [`client`]: a blocking frontend (VMM side) client.
 
+#![deny(missing_docs)]
+
 pub mod client;
 pub mod exit;
 pub mod table;
