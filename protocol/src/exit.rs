@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use crate::wire::{le_u32, le_u64};
+use crate::le::{le_u32, le_u64};
 
 /// Which kernel ABI a record comes from. The numeric value is the ABI tag on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod exit;
+mod le;
 pub mod table;
 pub mod transport;
 pub mod wire;

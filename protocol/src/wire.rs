@@ -8,6 +8,7 @@
 use thiserror::Error;
 
 use crate::exit::MAX_RECORD_SIZE;
+use crate::le::{le_u32, le_u64};
 
 /// Bytes in a message header.
 pub const HEADER_SIZE: usize = 12;
@@ -577,18 +578,6 @@ fn expect_size(request: Request, payload: &[u8], want: usize) -> Result<(), Wire
             want,
         })
     }
-}
-
-pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 #[cfg(test)]
