@@ -37,7 +37,7 @@ pub struct Config {
     pub max_eagain: Duration,
     /// Policy while the blob is missing.
     pub missing_certs: MissingCerts,
-    /// Connections that may hold guest memory or leases at once; [`crate::slots::SPARE_SLOTS`]
+    /// Connections that may hold guest memory or leases at once; [`crate::serve::slots::SPARE_SLOTS`]
     /// more may be open without either.
     pub max_connections: usize,
     /// Leases one connection may hold at once.

@@ -205,7 +205,7 @@ pub fn blob_ready(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::server::{Server, Shutdown};
+    use crate::serve::{Server, Shutdown};
 
     fn opts(socket: PathBuf, certs: Option<PathBuf>) -> HealthOptions {
         HealthOptions {

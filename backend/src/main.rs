@@ -4,12 +4,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use coco_sidecar::daemon::monitor;
+use coco_sidecar::daemon::seccomp;
 use coco_sidecar::health::HealthOptions;
 use coco_sidecar::listen::{self, Listen};
 use coco_sidecar::tool::{self, check, files, install::InstallOptions};
-use coco_sidecar::{
-    cli_docs, logging, metrics, monitor, seccomp, Config, MissingCerts, Server, Shutdown,
-};
+use coco_sidecar::{cli_docs, logging, metrics, Config, MissingCerts, Server, Shutdown};
 
 /// Serves AMD SEV-SNP certificate tables to a VMM's confidential guests.
 #[derive(Debug, Parser)]
@@ -533,7 +533,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let shutdown = Shutdown::new()
         .and_then(Shutdown::on_signals)
         .map_err(|e| format!("cannot set up signal handling: {e}"))?;
-    coco_sidecar::rlimit::prepare(config.max_connections, config.max_leases);
+    coco_sidecar::daemon::rlimit::prepare(config.max_connections, config.max_leases);
     // What can fail for a bad option comes before the socket exists.
     let exporter = config.metrics.as_deref().map(metrics::Exporter::bind);
     let exporter = exporter.transpose().map_err(|e| e.to_string())?;

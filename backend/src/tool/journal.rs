@@ -41,8 +41,8 @@ use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 use thiserror::Error;
 
+use crate::blob::locks::{self, LockKind};
 use crate::blob::INSTALL_MARKER;
-use crate::ofd::{self, LockKind};
 
 /// First bytes of a journal.
 const MAGIC: &[u8; 16] = b"coco-install-v1\n";
@@ -153,7 +153,7 @@ pub fn staging_file(blob: &Path) -> io::Result<NamedTempFile> {
     // A cleaner that looks between the creation and this lock can remove the file; the
     // writer then fails cleanly when it renames it (journals are written under the blob's
     // exclusive lock, which every cleaner holds, so only a blob's creation can meet this).
-    if !ofd::try_lock(tmp.as_file(), LockKind::Exclusive)? {
+    if !locks::try_lock(tmp.as_file(), LockKind::Exclusive)? {
         return Err(io::Error::other(
             "a fresh temporary file is locked by another process",
         ));
@@ -421,7 +421,7 @@ fn remove_leftovers(blob: &Path) -> Result<usize, JournalError> {
             continue;
         };
         let unowned = f.metadata().is_ok_and(|m| m.is_file())
-            && ofd::try_lock(&f, LockKind::Exclusive).unwrap_or(false);
+            && locks::try_lock(&f, LockKind::Exclusive).unwrap_or(false);
         if unowned && std::fs::remove_file(&path).is_ok() {
             removed += 1;
         }
@@ -453,7 +453,7 @@ mod tests {
             .write(true)
             .open(&blob)
             .expect("open");
-        assert!(ofd::try_lock(&file, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&file, LockKind::Exclusive).expect("lock"));
         (dir, blob, file)
     }
 

@@ -1,7 +1,7 @@
 //! The updaters' side of the blob lock: open the blob and take the *exclusive* OFD lock within
 //! a bounded wait (the sidecar takes *shared* ones on its own open files, one per lease), make
 //! sure the locked file is still the one at the path, and say who holds the lock when the wait
-//! runs out. The wait is announced ([`ofd::announce_intent`]) so that sidecars stop granting
+//! runs out. The wait is announced ([`locks::announce_intent`]) so that sidecars stop granting
 //! new leases until it is over.
 //!
 //! A symbolic link at the path is refused, not followed: an updater that wrote through it
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::ofd::{self, LockKind};
+use crate::blob::locks::{self, LockKind};
 
 /// Environment variable `blob lock` sets for its command: the blob it holds locked. A
 /// `blob install` of the same blob inside it would wait for its own parent, so it fails at once.
@@ -198,7 +198,7 @@ pub fn lock_exclusive(path: &Path, wait: Duration) -> Result<File, LockingError>
     for _ in 0..REPLACED_RETRIES {
         let file = open_for_update(path)?;
         let left = wait.saturating_sub(start.elapsed());
-        if !ofd::lock_within(&file, LockKind::Exclusive, left).map_err(io("lock"))? {
+        if !locks::lock_within(&file, LockKind::Exclusive, left).map_err(io("lock"))? {
             return Err(LockingError::Timeout {
                 path: path.to_owned(),
                 waited_ms: start.elapsed().as_millis(),

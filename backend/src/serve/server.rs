@@ -13,12 +13,12 @@ use coco_protocol::transport::{self, MessageReader, TransportError};
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
+use super::session::{Outcome, Session};
+use super::slots::{Progress, Slot, Slots, SPARE_SLOTS};
 use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::listen::{self, ListenError, Listener, Peer, PeerPolicy};
 use crate::metrics::Metrics;
-use crate::session::{Outcome, Session};
-use crate::slots::{Progress, Slot, Slots, SPARE_SLOTS};
 
 /// Pause after a failed accept (EMFILE, ENFILE, ENOMEM), so that a full descriptor table
 /// does not turn the accept loop into a busy loop.

@@ -9,10 +9,10 @@ use coco_protocol::table::{pages_for, EMPTY_TABLE};
 use coco_protocol::wire::ExitMsg;
 use log::{debug, warn};
 
+use super::eagain::EagainBound;
+use super::lease::Leases;
+use super::memory::GuestRam;
 use crate::blob::{self, BlobStore, Fetch};
-use crate::eagain::EagainBound;
-use crate::lease::Leases;
-use crate::memory::GuestRam;
 
 /// Answers `msg`: the reply's record carries ret (and npages for ENOSPC); `status` is non-zero
 /// when the record was not a certificate request this sidecar serves. `eagain` is the

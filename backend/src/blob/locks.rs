@@ -27,7 +27,7 @@ pub enum LockKind {
 /// The byte on which an updater waiting for the exclusive lock holds an exclusive lock while it
 /// waits, and the end of the range shared locks cover: every byte a blob can have (at most
 /// 1 MiB) and far more, but not this one, so that the announcement conflicts with no shared
-/// lock. The sidecars find it in /proc/locks ([`crate::waiters`]). Being an exclusive lock, it
+/// lock. The sidecars find it in /proc/locks ([`super::waiters`]). Being an exclusive lock, it
 /// needs the file open for writing, as the exclusive lock itself does: a local user who can
 /// only read the blob cannot make the sidecars yield. Taking the exclusive lock on the whole
 /// file later makes it part of that lock, and closing the file drops it.

@@ -12,14 +12,14 @@ use coco_protocol::wire::{
 };
 use log::{info, warn};
 
+use super::answer;
+use super::eagain::EagainBound;
+use super::lease::Leases;
+use super::memory::GuestRam;
+use super::slots::{Progress, Slot};
 use crate::blob::BlobStore;
-use crate::certs;
 use crate::config::Config;
-use crate::eagain::EagainBound;
-use crate::lease::Leases;
-use crate::memory::GuestRam;
 use crate::metrics::Metrics;
-use crate::slots::{Progress, Slot};
 
 /// What the transport does after a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -317,7 +317,7 @@ impl Session {
             }
             FrontendRequest::CocoExit(exit) => {
                 let started = Instant::now();
-                let reply = certs::answer(
+                let reply = answer::answer(
                     exit,
                     &self.store,
                     &self.ram,

@@ -72,7 +72,7 @@ const UNCONDITIONAL: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_pread64,
     libc::SYS_write,
-    // Writing the table into a tmpfs region's file (memory.rs).
+    // Writing the table into a tmpfs region's file (serve/memory.rs).
     libc::SYS_pwrite64,
     libc::SYS_writev,
     libc::SYS_lseek,
@@ -187,7 +187,7 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let pid = unsafe { libc::getpid() } as u64;
     rules.insert(libc::SYS_tgkill, one_of(0, &[pid])?);
     // Filling a hugetlbfs region's pages through a mapping with a copy the kernel makes, which
-    // fails with EFAULT where a store would be SIGBUS (memory.rs): only within this process.
+    // fails with EFAULT where a store would be SIGBUS (serve/memory.rs): only within this process.
     rules.insert(libc::SYS_process_vm_readv, one_of(0, &[pid])?);
     Ok(rules)
 }
@@ -444,14 +444,12 @@ mod tests {
     #[test]
     fn the_kernel_enforces_the_documented_rules() {
         let exe = std::env::current_exe().expect("test binary");
+        // The test's path within the crate, wherever the module lives.
+        let (_, module) = module_path!().split_once("::").expect("a crate path");
+        let child = format!("{module}::child_makes_one_call_under_the_filter");
         for (call, allowed) in CALLS {
             let status = std::process::Command::new(&exe)
-                .args([
-                    "seccomp::tests::child_makes_one_call_under_the_filter",
-                    "--exact",
-                    "--ignored",
-                    "--test-threads=1",
-                ])
+                .args([child.as_str(), "--exact", "--ignored", "--test-threads=1"])
                 .env(CALL_ENV, call)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

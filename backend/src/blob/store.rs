@@ -6,7 +6,7 @@
 //! and never an `open`/`close`. Parsing and validating happens once per version of the file;
 //! each request decides whether the cached version is still the file's content, *under the
 //! shared lock*, with one `read` of an inotify queue that watches the path and the file
-//! ([`crate::watch`]): empty, and the cached version was read (or its stamps checked) after the
+//! ([`super::watch`]): empty, and the cached version was read (or its stamps checked) after the
 //! watch was made, means nothing changed. Otherwise, or where the path cannot be watched, it
 //! takes one `stat(path)`. Why that is sound is argued in docs/design.md ("Blob cache"); in
 //! short:
@@ -44,11 +44,11 @@ use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
 use log::{error, info, warn};
 use thiserror::Error;
 
+use super::locks::{self, LockKind};
+use super::waiters;
+use super::watch::PathWatch;
 use crate::config::MissingCerts;
-use crate::metrics::Histogram;
-use crate::ofd::{self, LockKind};
-use crate::waiters;
-use crate::watch::PathWatch;
+use crate::histogram::Histogram;
 
 /// A cached version is trusted only if it was read this long after the file's last change.
 /// Generous on purpose: it covers coarse timestamp ticks and 1- or 2-second timestamp
@@ -60,7 +60,7 @@ pub const REVERIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// The same problem is logged at most this often.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// While the shared lock is being taken or joined, /proc/locks is read at most this often for
-/// updaters waiting ([`crate::waiters`]): an updater that starts waiting is seen within this,
+/// updaters waiting ([`super::waiters`]): an updater that starts waiting is seen within this,
 /// then no new lease is granted, and it gets the lock once the leases held end (at most
 /// `--lease-timeout-ms` later). docs/design.md, "Updaters first".
 pub const UPDATER_SCAN_INTERVAL: Duration = Duration::from_millis(250);
@@ -224,7 +224,7 @@ impl OpenBlob {
                 self.look_for_updaters(&mut holders);
                 if holders.yielding {
                     Refused::Yielding
-                } else if holders.count > 0 || ofd::try_lock(&self.file, LockKind::Shared)? {
+                } else if holders.count > 0 || locks::try_lock(&self.file, LockKind::Shared)? {
                     if !holders.kernel {
                         self.learn_lock_id(&mut holders);
                     }
@@ -309,7 +309,7 @@ impl OpenBlob {
         let mut holders = lock(&self.holders);
         holders.count = holders.count.saturating_sub(1);
         if holders.count == 0 {
-            if let Err(e) = ofd::unlock(&self.file) {
+            if let Err(e) = locks::unlock(&self.file) {
                 error!("cannot drop the shared lock on the blob: {e}; closing that file instead");
                 self.broken.store(true, Ordering::Relaxed);
             }
@@ -871,7 +871,7 @@ mod tests {
 
     /// Whether an exclusive OFD lock on the whole file could be taken now, asked of the kernel
     /// with fcntl(2) through a new open file (OFD locks of different open files conflict even
-    /// within one process), without the `ofd` module under test.
+    /// within one process), without the `locks` module under test.
     fn exclusive_free(p: &Path) -> bool {
         let f = OpenOptions::new()
             .read(true)
@@ -1122,7 +1122,7 @@ mod tests {
             .write(true)
             .open(&p.0)
             .expect("open");
-        assert!(ofd::try_lock(&w, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&w, LockKind::Exclusive).expect("lock"));
         let t = Instant::now();
         assert!(matches!(
             store.fetch(),
@@ -1148,7 +1148,7 @@ mod tests {
             .write(true)
             .open(&p.0)
             .expect("open");
-        assert!(ofd::announce_intent(&updater).expect("announce"));
+        assert!(locks::announce_intent(&updater).expect("announce"));
         // Joining a held lock costs no system call, but once the scan interval is over the
         // next request looks, sees the updater, and gets no share.
         std::thread::sleep(UPDATER_SCAN_INTERVAL);
@@ -1156,9 +1156,9 @@ mod tests {
             store.fetch(),
             Fetch::Again(BlobError::UpdaterWaiting { .. })
         ));
-        assert!(!ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        assert!(!locks::try_lock(&updater, LockKind::Exclusive).expect("lock"));
         drop(held);
-        assert!(ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&updater, LockKind::Exclusive).expect("lock"));
         assert!(
             matches!(store.fetch(), Fetch::Again(_)),
             "the updater has it"

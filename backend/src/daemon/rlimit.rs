@@ -11,7 +11,7 @@ use std::io;
 
 use coco_protocol::wire::{MAX_FDS, MAX_MEM_SLOTS};
 
-use crate::slots::SPARE_SLOTS;
+use crate::serve::slots::SPARE_SLOTS;
 use thiserror::Error;
 
 /// Descriptors the process holds whatever its VMM peers do (stdio, listener, shutdown and
