@@ -1,7 +1,9 @@
 //! Serving VMMs: the socket, the connections, and what each message does.
 //!
 //! Transport glue, with socket I/O (the listening socket itself comes from [`crate::listen`]):
-//! - [`server`]: the accept loop, one thread per connection and its time limits, signals;
+//! - [`server`]: the accept loop, one thread per connection, an orderly stop;
+//! - [`shutdown`]: the signals that stop the sidecar and those it ignores;
+//! - [`connection`]: one connection's receive, handle, reply loop and its time limits;
 //! - [`slots`]: which connections may hold memory, and which one gives way to a newcomer.
 //!
 //! Protocol logic, free of socket I/O (driven message by message in tests and fuzzing):
@@ -12,11 +14,14 @@
 //! - [`eagain`]: one connection's run of EAGAIN and its bound (`--max-eagain-ms`).
 
 pub mod answer;
+pub mod connection;
 pub mod eagain;
 pub mod lease;
 pub mod memory;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod slots;
 
-pub use server::{Server, ServerError, Shutdown, ShutdownHandle};
+pub use server::{Server, ServerError};
+pub use shutdown::{Shutdown, ShutdownHandle};

@@ -1,19 +1,19 @@
-//! Transport glue: the listening socket, one thread per connection, its time limits, and
-//! signals.
+//! The accept loop: the listening socket, who may connect, one thread per connection within
+//! the connection slots, and an orderly stop.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use coco_protocol::transport::{self, MessageReader, TransportError};
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
-use super::session::{Outcome, Session};
+use super::connection::{poll_in, serve_connection, Timeouts};
+use super::session::Session;
+use super::shutdown::Shutdown;
 use super::slots::{Progress, Slot, Slots, SPARE_SLOTS};
 use crate::blob::BlobStore;
 use crate::config::Config;
@@ -33,134 +33,6 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("poll failed: {0}")]
     Poll(io::Error),
-}
-
-/// Wakes the accept loop to stop it: from signal handlers, or from a caller (demo, tests).
-#[derive(Debug)]
-pub struct Shutdown {
-    rx: UnixStream,
-    tx: UnixStream,
-    /// Signals that are logged and otherwise ignored: their handlers set a flag and wake the
-    /// accept loop through `notice`.
-    ignored: Vec<(i32, Arc<AtomicBool>)>,
-    notice: Option<(UnixStream, UnixStream)>,
-}
-
-/// Signals that stop the sidecar in order (connections closed, locks released, socket removed).
-pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
-
-/// Signals whose default action would kill the sidecar (and leave its socket behind) but that
-/// mean nothing to it: logged and ignored. SIGHUP asks daemons to reload; the blob needs no
-/// reload, since every request checks it (design.md, "Blob cache").
-pub const IGNORED_SIGNALS: [i32; 9] = [
-    libc::SIGHUP,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGALRM,
-    libc::SIGVTALRM,
-    libc::SIGPROF,
-    libc::SIGIO,
-    libc::SIGPWR,
-    libc::SIGSTKFLT,
-];
-
-impl Shutdown {
-    /// A shutdown trigger not yet tied to any signal.
-    pub fn new() -> io::Result<Shutdown> {
-        let (rx, tx) = UnixStream::pair()?;
-        rx.set_nonblocking(true)?;
-        tx.set_nonblocking(true)?;
-        Ok(Shutdown {
-            rx,
-            tx,
-            ignored: Vec::new(),
-            notice: None,
-        })
-    }
-
-    /// Also triggers on [`STOP_SIGNALS`], logs and ignores [`IGNORED_SIGNALS`], and ignores
-    /// SIGXFSZ (a write past RLIMIT_FSIZE then fails with EFBIG instead of killing the process;
-    /// SIGPIPE is ignored by the Rust runtime already).
-    pub fn on_signals(mut self) -> io::Result<Shutdown> {
-        for sig in STOP_SIGNALS {
-            signal_hook::low_level::pipe::register(sig, self.tx.try_clone()?)?;
-        }
-        let (rx, tx) = UnixStream::pair()?;
-        rx.set_nonblocking(true)?;
-        tx.set_nonblocking(true)?;
-        for sig in IGNORED_SIGNALS {
-            let flag = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(sig, Arc::clone(&flag))?;
-            // The handler only writes a byte to `tx`, which `self` keeps open.
-            signal_hook::low_level::pipe::register_raw(sig, tx.as_raw_fd())?;
-            self.ignored.push((sig, flag));
-        }
-        self.notice = Some((rx, tx));
-        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
-        if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(self)
-    }
-
-    /// A handle that triggers the shutdown from another thread.
-    pub fn handle(&self) -> io::Result<ShutdownHandle> {
-        Ok(ShutdownHandle(self.tx.try_clone()?))
-    }
-
-    /// Logs the ignored signals that arrived since the last call.
-    fn log_ignored(&self) {
-        if let Some((rx, _)) = &self.notice {
-            let _ = transport::drain(rx);
-        }
-        for (sig, flag) in &self.ignored {
-            if flag.swap(false, Ordering::Relaxed) {
-                let name = signal_hook::low_level::signal_name(*sig).unwrap_or("signal");
-                if *sig == libc::SIGHUP {
-                    info!("{name} ignored: nothing to reload, every request checks the blob");
-                } else {
-                    info!("{name} ignored");
-                }
-            }
-        }
-    }
-}
-
-/// Triggers a [`Shutdown`].
-#[derive(Debug)]
-pub struct ShutdownHandle(UnixStream);
-
-impl ShutdownHandle {
-    /// Asks the server to stop.
-    pub fn trigger(&self) {
-        use std::io::Write;
-        let _ = (&self.0).write(&[1]);
-    }
-}
-
-fn poll_in(fds: &[i32], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: *fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.map_or(-1, |t| {
-        t.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-    });
-    loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if rc >= 0 {
-            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
 }
 
 /// A bound, not yet serving, sidecar.
@@ -348,109 +220,6 @@ impl Server {
                 self.metrics.connection_closed(true);
                 Err(e)
             }
-        }
-    }
-}
-
-/// A connection's time limits.
-#[derive(Debug, Clone, Copy)]
-struct Timeouts {
-    /// For the rest of a message once its first byte arrived.
-    io: Duration,
-    /// For the handshake (SET_PROTOCOL_FEATURES), from the accept.
-    handshake: Duration,
-}
-
-/// How late a lease may expire when the connection waits in recvmsg rather than poll.
-const LEASE_LATENESS: Duration = Duration::from_millis(10);
-
-/// Serves one connection until the peer closes it (Ok) or it must be dropped (Err, with the
-/// reason). Dropping the session releases its leases and unmaps its memory.
-fn serve_connection(
-    stream: &UnixStream,
-    session: &mut Session,
-    timeouts: Timeouts,
-) -> Result<(), String> {
-    let handshake_by = Instant::now() + timeouts.handshake;
-    stream
-        .set_write_timeout(Some(timeouts.io))
-        .map_err(|e| e.to_string())?;
-    // Wait in recvmsg itself (one syscall less per message) unless a lease deadline comes
-    // before its timeout would wake us. The timeout wakes an idle connection once; it then
-    // waits in poll until traffic. Until the handshake is done, the receive timeout is also
-    // what is left of the time for it, so a peer that never completes it is closed then.
-    let mut idle = false;
-    let mut receive_timeout = None;
-    let mut reader = MessageReader::new();
-    loop {
-        let now = Instant::now();
-        session.expire(now);
-        let timeout = if session.negotiated() {
-            timeouts.io
-        } else {
-            let left = handshake_by.saturating_duration_since(now);
-            if left < Duration::from_millis(1) {
-                return Err(format!("no handshake within {:?}", timeouts.handshake));
-            }
-            left.min(timeouts.io)
-        };
-        if receive_timeout != Some(timeout) {
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| e.to_string())?;
-            receive_timeout = Some(timeout);
-        }
-        let wait = session
-            .next_deadline()
-            .map(|d| d.saturating_duration_since(now));
-        // Bytes read ahead are the next message's: handle them before waiting.
-        let waiting = !reader.has_buffered()
-            && (idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < timeout));
-        if waiting {
-            let ready = poll_in(&[stream.as_raw_fd()], wait).map_err(|e| e.to_string())?;
-            if !ready[0] {
-                continue;
-            }
-            idle = false;
-        }
-        let msg = match reader.recv_within(stream, timeout) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                if session.leases_held() > 0 {
-                    info!(
-                        "releasing {} leases of a closed connection",
-                        session.leases_held()
-                    );
-                }
-                return Ok(());
-            }
-            Err(TransportError::Idle) => {
-                // Before the handshake, the loop's top closes the connection once its time is
-                // up; after it, being idle is fine.
-                idle = session.negotiated();
-                continue;
-            }
-            Err(TransportError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !session.negotiated() && Instant::now() >= handshake_by {
-                    return Err(format!("no handshake within {:?}", timeouts.handshake));
-                }
-                return Err(format!("message not completed within {timeout:?}"));
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        debug!(
-            "request {:#x} size {} fds {}",
-            msg.header.request,
-            msg.header.size,
-            msg.fds.len()
-        );
-        match session.handle(&msg.header, &msg.payload, msg.fds) {
-            Outcome::Reply(header, payload) => {
-                transport::send_message(stream, &header, &payload, &[])
-                    .map_err(|e| e.to_string())?
-            }
-            Outcome::Quiet => {}
-            Outcome::Close(why) => return Err(why),
         }
     }
 }

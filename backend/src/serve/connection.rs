@@ -1,0 +1,141 @@
+//! One connection's transport: its thread's loop of receiving a message, handing it to the
+//! [`Session`], and sending the reply, within its time limits.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use coco_protocol::transport::{self, MessageReader, TransportError};
+use log::{debug, info};
+
+use super::session::{Outcome, Session};
+
+/// A connection's time limits.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timeouts {
+    /// For the rest of a message once its first byte arrived.
+    pub(super) io: Duration,
+    /// For the handshake (SET_PROTOCOL_FEATURES), from the accept.
+    pub(super) handshake: Duration,
+}
+
+/// How late a lease may expire when the connection waits in recvmsg rather than poll.
+const LEASE_LATENESS: Duration = Duration::from_millis(10);
+
+/// Serves one connection until the peer closes it (Ok) or it must be dropped (Err, with the
+/// reason). Dropping the session releases its leases and unmaps its memory.
+pub(super) fn serve_connection(
+    stream: &UnixStream,
+    session: &mut Session,
+    timeouts: Timeouts,
+) -> Result<(), String> {
+    let handshake_by = Instant::now() + timeouts.handshake;
+    stream
+        .set_write_timeout(Some(timeouts.io))
+        .map_err(|e| e.to_string())?;
+    // Wait in recvmsg itself (one syscall less per message) unless a lease deadline comes
+    // before its timeout would wake us. The timeout wakes an idle connection once; it then
+    // waits in poll until traffic. Until the handshake is done, the receive timeout is also
+    // what is left of the time for it, so a peer that never completes it is closed then.
+    let mut idle = false;
+    let mut receive_timeout = None;
+    let mut reader = MessageReader::new();
+    loop {
+        let now = Instant::now();
+        session.expire(now);
+        let timeout = if session.negotiated() {
+            timeouts.io
+        } else {
+            let left = handshake_by.saturating_duration_since(now);
+            if left < Duration::from_millis(1) {
+                return Err(format!("no handshake within {:?}", timeouts.handshake));
+            }
+            left.min(timeouts.io)
+        };
+        if receive_timeout != Some(timeout) {
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            receive_timeout = Some(timeout);
+        }
+        let wait = session
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(now));
+        // Bytes read ahead are the next message's: handle them before waiting.
+        let waiting = !reader.has_buffered()
+            && (idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < timeout));
+        if waiting {
+            let ready = poll_in(&[stream.as_raw_fd()], wait).map_err(|e| e.to_string())?;
+            if !ready[0] {
+                continue;
+            }
+            idle = false;
+        }
+        let msg = match reader.recv_within(stream, timeout) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                if session.leases_held() > 0 {
+                    info!(
+                        "releasing {} leases of a closed connection",
+                        session.leases_held()
+                    );
+                }
+                return Ok(());
+            }
+            Err(TransportError::Idle) => {
+                // Before the handshake, the loop's top closes the connection once its time is
+                // up; after it, being idle is fine.
+                idle = session.negotiated();
+                continue;
+            }
+            Err(TransportError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !session.negotiated() && Instant::now() >= handshake_by {
+                    return Err(format!("no handshake within {:?}", timeouts.handshake));
+                }
+                return Err(format!("message not completed within {timeout:?}"));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        debug!(
+            "request {:#x} size {} fds {}",
+            msg.header.request,
+            msg.header.size,
+            msg.fds.len()
+        );
+        match session.handle(&msg.header, &msg.payload, msg.fds) {
+            Outcome::Reply(header, payload) => {
+                transport::send_message(stream, &header, &payload, &[])
+                    .map_err(|e| e.to_string())?
+            }
+            Outcome::Quiet => {}
+            Outcome::Close(why) => return Err(why),
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable (or `timeout` passes); which ones are.
+pub(super) fn poll_in(fds: &[i32], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| {
+        t.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
+    });
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if rc >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
