@@ -14,6 +14,7 @@
 //! | [`config`] | validated settings and their defaults |
 //! | [`listen`] | the listening socket (a path, an inherited descriptor, systemd) and who may connect; shared with the KubeVirt hook |
 //! | [`histogram`], [`logging`], [`argpath`], [`cli_docs`] | latency histograms, rate-limited logs, explained path arguments, man pages and completions |
+//! | [`sys`] | the few raw system calls that neither std nor `rustix` offers safely |
 
 pub mod argpath;
 pub mod blob;
@@ -27,6 +28,7 @@ pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod serve;
+pub mod sys;
 pub mod tool;
 
 pub use config::{Config, MissingCerts};

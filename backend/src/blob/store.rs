@@ -37,14 +37,13 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
 use log::{error, info, warn};
 use thiserror::Error;
 
-use super::locks::{self, LockKind};
+use super::locks::{self, Backoff, LockKind};
 use super::waiters;
 use super::watch::PathWatch;
 use crate::config::MissingCerts;
@@ -213,11 +212,9 @@ impl OpenBlob {
     }
 
     /// Takes a share of the shared lock, waiting at most `wait` for an updater to finish (or,
-    /// when one waits for the lock, for it to have had it). Retries with short sleeps (200 us
-    /// doubling to 5 ms), never spinning.
+    /// when one waits for the lock, for it to have had it), at the pace of [`Backoff`].
     fn acquire(self: &Arc<Self>, wait: Duration) -> io::Result<Result<BlobLock, Refused>> {
-        let mut deadline = None;
-        let mut nap = Duration::from_micros(200);
+        let mut backoff = Backoff::new(wait);
         loop {
             let refused = {
                 let mut holders = lock(&self.holders);
@@ -236,13 +233,9 @@ impl OpenBlob {
                     Refused::Locked
                 }
             };
-            let now = Instant::now();
-            let deadline = *deadline.get_or_insert(now + wait);
-            if now >= deadline {
+            if !backoff.pause() {
                 return Ok(Err(refused));
             }
-            thread::sleep(nap.min(deadline - now));
-            nap = (nap * 2).min(Duration::from_millis(5));
         }
     }
 
@@ -1187,9 +1180,9 @@ mod tests {
     #[test]
     fn a_fifo_or_directory_at_the_path_is_eagain_not_a_hang() {
         let p = Tmp::new("fifo");
-        let c = std::ffi::CString::new(p.0.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: mkfifo reads the NUL-terminated path during the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let fifo = rustix::fs::FileType::Fifo;
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(rustix::fs::CWD, &p.0, fifo, mode, 0).expect("mkfifo");
         assert!(matches!(
             store(&p.0).fetch(),
             Fetch::Again(BlobError::NotRegular(_))

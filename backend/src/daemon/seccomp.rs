@@ -183,8 +183,7 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     // Thread names (std names each connection thread).
     rules.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
     // abort() signals only its own process.
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u64;
+    let pid = u64::from(std::process::id());
     rules.insert(libc::SYS_tgkill, one_of(0, &[pid])?);
     // Filling a hugetlbfs region's pages through a mapping with a copy the kernel makes, which
     // fails with EFAULT where a store would be SIGBUS (serve/memory.rs): only within this process.
@@ -223,12 +222,12 @@ pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
     match std::env::var(SELFTEST_ENV).as_deref() {
         Ok("1") => {
             log::warn!("{SELFTEST_ENV}=1: calling socket(AF_INET), which must kill the process");
-            // SAFETY: socket(2) takes no pointers; a descriptor it might return is closed.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            if fd >= 0 {
-                // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-                unsafe { libc::close(fd) };
-            }
+            let socket = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                None,
+            );
+            drop(socket);
             Err(SeccompError::SelfTestSurvived)
         }
         Ok(fault @ ("sigsegv" | "sigbus")) => {

@@ -2,7 +2,7 @@
 //! [`Session`], and sending the reply, within its time limits.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use coco_protocol::transport::{self, MessageReader, TransportError};
 use log::{debug, info};
 
 use super::session::{Outcome, Session};
+use crate::sys;
 
 /// A connection's time limits.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +67,7 @@ pub(super) fn serve_connection(
         let waiting = !reader.has_buffered()
             && (idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < timeout));
         if waiting {
-            let ready = poll_in(&[stream.as_raw_fd()], wait).map_err(|e| e.to_string())?;
+            let ready = sys::poll_readable(&[stream.as_fd()], wait).map_err(|e| e.to_string())?;
             if !ready[0] {
                 continue;
             }
@@ -110,32 +111,6 @@ pub(super) fn serve_connection(
             }
             Outcome::Quiet => {}
             Outcome::Close(why) => return Err(why),
-        }
-    }
-}
-
-/// Waits until one of `fds` is readable (or `timeout` passes); which ones are.
-pub(super) fn poll_in(fds: &[i32], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: *fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.map_or(-1, |t| {
-        t.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-    });
-    loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if rc >= 0 {
-            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the connection slots, and an orderly stop.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::thread;
@@ -11,14 +11,15 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use thiserror::Error;
 
-use super::connection::{poll_in, serve_connection, Timeouts};
+use super::connection::{serve_connection, Timeouts};
 use super::session::Session;
 use super::shutdown::Shutdown;
 use super::slots::{Progress, Slot, Slots, SPARE_SLOTS};
 use crate::blob::BlobStore;
 use crate::config::Config;
-use crate::listen::{self, ListenError, Listener, Peer, PeerPolicy};
+use crate::listen::{self, ListenError, Listener, Peer, PeerError, PeerPolicy};
 use crate::metrics::Metrics;
+use crate::sys;
 
 /// Pause after a failed accept (EMFILE, ENFILE, ENOMEM), so that a full descriptor table
 /// does not turn the accept loop into a busy loop.
@@ -101,12 +102,12 @@ impl Server {
         let slots = Slots::new(self.config.max_connections);
         self.metrics.set_serving(true);
         let mut next_id = 0u64;
-        let mut fds = vec![self.listener.as_raw_fd(), shutdown.rx.as_raw_fd()];
+        let mut fds = vec![self.listener.as_fd(), shutdown.rx.as_fd()];
         if let Some((rx, _)) = &shutdown.notice {
-            fds.push(rx.as_raw_fd());
+            fds.push(rx.as_fd());
         }
         let result = loop {
-            let ready = match poll_in(&fds, None) {
+            let ready = match sys::poll_readable(&fds, None) {
                 Ok(r) => r,
                 Err(e) => break Err(ServerError::Poll(e)),
             };
@@ -172,13 +173,13 @@ impl Server {
     }
 
     /// Identifies the peer (logged) and applies `--allow-uid`.
-    fn admit(&self, stream: &UnixStream) -> Result<Option<Peer>, String> {
+    fn admit(&self, stream: &UnixStream) -> Result<Option<Peer>, PeerError> {
         match listen::peer(stream) {
             Ok(p) => {
                 debug!("peer pid {} uid {} gid {}", p.pid, p.uid, p.gid);
                 self.peers.admit(&p).map(|()| Some(p))
             }
-            Err(e) if self.peers.restricts() => Err(format!("cannot read SO_PEERCRED: {e}")),
+            Err(e) if self.peers.restricts() => Err(PeerError::Credentials(e)),
             Err(_) => Ok(None),
         }
     }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use coco_protocol::transport;
 use log::info;
 
+use crate::sys;
+
 /// Wakes the accept loop to stop it: from signal handlers, or from a caller (demo, tests).
 #[derive(Debug)]
 pub struct Shutdown {
@@ -73,10 +75,7 @@ impl Shutdown {
             self.ignored.push((sig, flag));
         }
         self.notice = Some((rx, tx));
-        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
-        if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
-            return Err(io::Error::last_os_error());
-        }
+        sys::ignore_signal(libc::SIGXFSZ)?;
         Ok(self)
     }
 

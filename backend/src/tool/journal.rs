@@ -32,7 +32,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -296,26 +295,12 @@ pub fn write_journal(
 /// Makes sure `file` (now `len` bytes) can grow to `new_len` without running out of space.
 fn reserve(file: &File, len: u64, new_len: usize) -> io::Result<()> {
     let new_len = new_len as u64;
-    loop {
-        // SAFETY: fallocate(2) takes no pointers; the descriptor is valid while `file` is
-        // borrowed. KEEP_SIZE: the blocks are allocated, the file's size and bytes unchanged.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                new_len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) => break,
-            _ => return Err(e),
-        }
+    // KEEP_SIZE: the blocks are allocated, the file's size and bytes unchanged.
+    let keep_size = rustix::fs::FallocateFlags::KEEP_SIZE;
+    match rustix::io::retry_on_intr(|| rustix::fs::fallocate(file, keep_size, 0, new_len)) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
     }
     // No fallocate here: grow the file with zeros (the old bytes stay as they are), and shrink
     // it back if that fails.

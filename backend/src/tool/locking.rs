@@ -10,7 +10,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -106,23 +105,13 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// Asks the kernel which lock would block an exclusive one on `file` (F_OFD_GETLK).
+/// Asks the kernel which lock would block an exclusive one on `file`.
 pub fn holder(file: &File) -> Holder {
-    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_GETLK reads and writes the flock struct we pass by pointer, which outlives
-    // the call; the fd is valid while `file` is borrowed.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 {
-        return Holder::Unknown;
-    }
-    match libc::c_int::from(fl.l_type) {
-        libc::F_RDLCK => Holder::Shared,
-        libc::F_WRLCK => Holder::Exclusive,
-        libc::F_UNLCK => Holder::Gone,
-        _ => Holder::Unknown,
+    match locks::exclusive_blocked_by(file) {
+        Ok(Some(LockKind::Shared)) => Holder::Shared,
+        Ok(Some(LockKind::Exclusive)) => Holder::Exclusive,
+        Ok(None) => Holder::Gone,
+        Err(_) => Holder::Unknown,
     }
 }
 
