@@ -74,7 +74,7 @@ pub const INSTALL_MARKER: [u8; 24] = *b"COCO-INSTALLING\0\xff\xff\xff\xff\0\0\0\
 
 /// Why a request cannot be served from the blob (answered EAGAIN, or EIO for
 /// [`BlobError::Missing`] under `--missing-certs eio`). The text names the problem for the log.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone)]
 pub enum BlobError {
     #[error("{0} does not exist")]
     Missing(PathBuf),
@@ -85,11 +85,12 @@ pub enum BlobError {
          {waited:?})"
     )]
     UpdaterWaiting { path: PathBuf, waited: Duration },
-    #[error("cannot {what} {path}: {error}")]
+    #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        error: String,
+        /// Shared: a verdict is cached and handed to every request that meets it.
+        source: Arc<io::Error>,
     },
     #[error("{0} is not a regular file")]
     NotRegular(PathBuf),
@@ -508,7 +509,7 @@ impl BlobStore {
                     self.forget(&blob);
                     return self.missing();
                 }
-                Err(e) => return self.fail_again(self.io_error("stat", &e)),
+                Err(e) => return self.fail_again(self.io_error("stat", e)),
             }
             drop(share);
             self.forget(&blob);
@@ -533,7 +534,7 @@ impl BlobStore {
         };
         match blob.file.metadata() {
             Ok(meta) => self.serve(&blob, share, FileKey::of(&meta), watch),
-            Err(e) => self.fail_again(self.io_error("stat", &e)),
+            Err(e) => self.fail_again(self.io_error("stat", e)),
         }
     }
 
@@ -636,15 +637,15 @@ impl BlobStore {
                 path: self.path.clone(),
                 waited: self.lock_wait,
             })),
-            Err(e) => Err(self.fail_again(self.io_error("lock", &e))),
+            Err(e) => Err(self.fail_again(self.io_error("lock", e))),
         }
     }
 
-    fn io_error(&self, what: &'static str, e: &io::Error) -> BlobError {
+    fn io_error(&self, what: &'static str, e: io::Error) -> BlobError {
         BlobError::Io {
             what,
             path: self.path.clone(),
-            error: e.to_string(),
+            source: Arc::new(e),
         }
     }
 
@@ -658,9 +659,9 @@ impl BlobStore {
         {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io_error("open", &e)),
+            Err(e) => return Err(self.io_error("open", e)),
         };
-        let meta = file.metadata().map_err(|e| self.io_error("stat", &e))?;
+        let meta = file.metadata().map_err(|e| self.io_error("stat", e))?;
         if !meta.is_file() {
             return Err(BlobError::NotRegular(self.path.clone()));
         }
@@ -706,7 +707,7 @@ impl BlobStore {
                     return self.fail_again(BlobError::Changed(self.path.clone()))
                 }
                 Ok(bytes) => Ok(bytes),
-                Err(e) => return self.fail_again(self.io_error("read", &e)),
+                Err(e) => return self.fail_again(self.io_error("read", e)),
             }
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);

@@ -8,9 +8,30 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::transport::{self, MessageReader, TransportError};
 use log::{debug, info};
+use thiserror::Error;
 
-use super::session::{Outcome, Session};
+use super::session::{Outcome, Session, SessionError};
 use crate::sys;
+
+/// Why a connection was dropped (logged with its number).
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    /// SET_PROTOCOL_FEATURES did not come within `--handshake-timeout-ms`.
+    #[error("no handshake within {0:?}")]
+    NoHandshake(Duration),
+    /// The rest of a message did not come within `--io-timeout-ms`.
+    #[error("message not completed within {0:?}")]
+    Stalled(Duration),
+    /// The socket failed (setting its timeouts, waiting for it).
+    #[error(transparent)]
+    Socket(#[from] io::Error),
+    /// Receiving or sending a message failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The message broke the protocol (the session closes the connection).
+    #[error(transparent)]
+    Protocol(#[from] SessionError),
+}
 
 /// A connection's time limits.
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +51,9 @@ pub(super) fn serve_connection(
     stream: &UnixStream,
     session: &mut Session,
     timeouts: Timeouts,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let handshake_by = Instant::now() + timeouts.handshake;
-    stream
-        .set_write_timeout(Some(timeouts.io))
-        .map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeouts.io))?;
     // Wait in recvmsg itself (one syscall less per message) unless a lease deadline comes
     // before its timeout would wake us. The timeout wakes an idle connection once; it then
     // waits in poll until traffic. Until the handshake is done, the receive timeout is also
@@ -50,14 +69,12 @@ pub(super) fn serve_connection(
         } else {
             let left = handshake_by.saturating_duration_since(now);
             if left < Duration::from_millis(1) {
-                return Err(format!("no handshake within {:?}", timeouts.handshake));
+                return Err(ConnectionError::NoHandshake(timeouts.handshake));
             }
             left.min(timeouts.io)
         };
         if receive_timeout != Some(timeout) {
-            stream
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| e.to_string())?;
+            stream.set_read_timeout(Some(timeout))?;
             receive_timeout = Some(timeout);
         }
         let wait = session
@@ -67,7 +84,7 @@ pub(super) fn serve_connection(
         let waiting = !reader.has_buffered()
             && (idle || wait.is_some_and(|w| w.saturating_add(LEASE_LATENESS) < timeout));
         if waiting {
-            let ready = sys::poll_readable(&[stream.as_fd()], wait).map_err(|e| e.to_string())?;
+            let ready = sys::poll_readable(&[stream.as_fd()], wait)?;
             if !ready[0] {
                 continue;
             }
@@ -92,11 +109,11 @@ pub(super) fn serve_connection(
             }
             Err(TransportError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !session.negotiated() && Instant::now() >= handshake_by {
-                    return Err(format!("no handshake within {:?}", timeouts.handshake));
+                    return Err(ConnectionError::NoHandshake(timeouts.handshake));
                 }
-                return Err(format!("message not completed within {timeout:?}"));
+                return Err(ConnectionError::Stalled(timeout));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         debug!(
             "request {:#x} size {} fds {}",
@@ -106,11 +123,10 @@ pub(super) fn serve_connection(
         );
         match session.handle(&msg.header, &msg.payload, msg.fds) {
             Outcome::Reply(header, payload) => {
-                transport::send_message(stream, &header, &payload, &[])
-                    .map_err(|e| e.to_string())?
+                transport::send_message(stream, &header, &payload, &[])?
             }
             Outcome::Quiet => {}
-            Outcome::Close(why) => return Err(why),
+            Outcome::Close(why) => return Err(why.into()),
         }
     }
 }

@@ -11,25 +11,87 @@ use coco_protocol::wire::{
     PF_COCO_LOCK_WAIT, PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK, SUPPORTED_PROTOCOL_FEATURES,
 };
 use log::{info, warn};
+use thiserror::Error;
 
 use super::answer;
 use super::eagain::EagainBound;
 use super::lease::Leases;
-use super::memory::GuestRam;
+use super::memory::{GuestRam, MemoryError};
 use super::slots::{Progress, Slot};
 use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// What the transport does after a message.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     /// Send this reply.
     Reply(Header, Vec<u8>),
     /// Nothing to send.
     Quiet,
     /// Close the connection; the reason is logged.
-    Close(String),
+    Close(SessionError),
+}
+
+/// Why a message closes the connection (docs/protocol.md: the frontend broke the protocol,
+/// or a request failed that it did not ask to hear about).
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// The message is malformed: after it, the byte stream cannot be trusted.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A request that needs a protocol feature the handshake did not enable.
+    #[error("{request:?} before the {feature} protocol feature was negotiated")]
+    NotNegotiated {
+        /// The request.
+        request: Request,
+        /// The feature it needs.
+        feature: &'static str,
+    },
+    /// A second SET_PROTOCOL_FEATURES.
+    #[error("SET_PROTOCOL_FEATURES sent twice")]
+    Renegotiated,
+    /// SET_PROTOCOL_FEATURES with bits GET_PROTOCOL_FEATURES did not offer.
+    #[error("protocol features {0:#x} were not offered")]
+    UnofferedProtocolFeatures(u64),
+    /// SET_PROTOCOL_FEATURES without COCO (nothing but the handshake would be left to do).
+    #[error("protocol features {0:#x} do not include COCO")]
+    NoCoco(u64),
+    /// A request refused on its meaning, sent without NEED_REPLY (or without REPLY_ACK), so
+    /// that the frontend would not learn of the refusal.
+    #[error("{request:?} refused without NEED_REPLY: {why}")]
+    Refused {
+        /// The request.
+        request: Request,
+        /// Why it was refused.
+        #[source]
+        why: Refusal,
+    },
+}
+
+/// Why a request was refused on its meaning; each maps to the errno of its acknowledgement.
+#[derive(Debug, Error)]
+pub enum Refusal {
+    /// `--max-connections` other connections hold guest memory or leases.
+    #[error("--max-connections other connections hold guest memory or leases")]
+    Busy,
+    /// SET_FEATURES with bits GET_FEATURES did not offer.
+    #[error("features {0:#x} were not offered")]
+    UnofferedFeatures(u64),
+    /// A memory region the sidecar cannot use.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+impl Refusal {
+    /// The errno the acknowledgement carries (docs/protocol.md, 5.1 and 5.4).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Refusal::Busy => libc::EBUSY,
+            Refusal::UnofferedFeatures(_) => libc::EINVAL,
+            Refusal::Memory(e) => e.errno(),
+        }
+    }
 }
 
 /// Per-connection state.
@@ -172,12 +234,13 @@ impl Session {
 
     /// A request that failed on its meaning: an error acknowledgement when the frontend asked
     /// for one, otherwise the connection is closed (the frontend would not learn of it).
-    fn refuse(&self, header: &Header, request: Request, errno: i32, why: String) -> Outcome {
+    fn refuse(&self, header: &Header, request: Request, why: impl Into<Refusal>) -> Outcome {
+        let why = why.into();
         if header.need_reply() && self.has(PF_REPLY_ACK) {
             warn!("connection {}: {request:?} refused: {why}", self.id);
-            self.ack(header, request, errno)
+            self.ack(header, request, why.errno())
         } else {
-            Outcome::Close(format!("{request:?} refused without NEED_REPLY: {why}"))
+            Outcome::Close(SessionError::Refused { request, why })
         }
     }
 
@@ -195,7 +258,7 @@ impl Session {
     fn dispatch(&mut self, header: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Outcome {
         let msg = match FrontendRequest::decode(header, payload, fds.len()) {
             Ok(m) => m,
-            Err(e) => return Outcome::Close(e.to_string()),
+            Err(e) => return Outcome::Close(e.into()),
         };
         let request = msg.request();
         let needs = match request {
@@ -210,30 +273,21 @@ impl Session {
         };
         if let Some((feature, name)) = needs {
             if !self.has(feature) {
-                return Outcome::Close(format!(
-                    "{request:?} before the {name} protocol feature was negotiated"
-                ));
+                return Outcome::Close(SessionError::NotNegotiated {
+                    request,
+                    feature: name,
+                });
             }
         }
         let adds_memory = matches!(request, Request::SetMemTable | Request::AddMemReg);
         if adds_memory && !self.pin() {
-            return self.refuse(
-                header,
-                request,
-                libc::EBUSY,
-                "--max-connections other connections hold guest memory or leases".into(),
-            );
+            return self.refuse(header, request, Refusal::Busy);
         }
         match msg {
             FrontendRequest::GetFeatures => Self::u64_reply(request, F_PROTOCOL_FEATURES),
             FrontendRequest::SetFeatures(f) => {
                 if f & !F_PROTOCOL_FEATURES != 0 {
-                    return self.refuse(
-                        header,
-                        request,
-                        libc::EINVAL,
-                        format!("features {f:#x} were not offered"),
-                    );
+                    return self.refuse(header, request, Refusal::UnofferedFeatures(f));
                 }
                 self.ack(header, request, 0)
             }
@@ -243,14 +297,14 @@ impl Session {
             }
             FrontendRequest::SetProtocolFeatures(f) => {
                 if self.protocol_features.is_some() {
-                    return Outcome::Close("SET_PROTOCOL_FEATURES sent twice".into());
+                    return Outcome::Close(SessionError::Renegotiated);
                 }
                 if f & !SUPPORTED_PROTOCOL_FEATURES != 0 {
-                    return Outcome::Close(format!("protocol features {f:#x} were not offered"));
+                    return Outcome::Close(SessionError::UnofferedProtocolFeatures(f));
                 }
                 // Without COCO nothing but the handshake would be left to do (protocol.md 5.1).
                 if f & PF_COCO == 0 {
-                    return Outcome::Close(format!("protocol features {f:#x} do not include COCO"));
+                    return Outcome::Close(SessionError::NoCoco(f));
                 }
                 self.protocol_features = Some(f);
                 self.ack(header, request, 0)
@@ -265,7 +319,7 @@ impl Session {
                     );
                     self.ack(header, request, 0)
                 }
-                Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+                Err(e) => self.refuse(header, request, e),
             },
             FrontendRequest::AddMemReg(desc) => {
                 let Some(fd) = fds.into_iter().next() else {
@@ -275,7 +329,7 @@ impl Session {
                             got: 0,
                             want: "1",
                         }
-                        .to_string(),
+                        .into(),
                     );
                 };
                 match self.ram.add(&desc, fd) {
@@ -286,7 +340,7 @@ impl Session {
                         );
                         self.ack(header, request, 0)
                     }
-                    Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+                    Err(e) => self.refuse(header, request, e),
                 }
             }
             FrontendRequest::RemMemReg(desc) => match self.ram.remove(&desc) {
@@ -297,7 +351,7 @@ impl Session {
                     );
                     self.ack(header, request, 0)
                 }
-                Err(e) => self.refuse(header, request, e.errno(), e.to_string()),
+                Err(e) => self.refuse(header, request, e),
             },
             FrontendRequest::CocoGetCaps => {
                 let caps = Caps {
