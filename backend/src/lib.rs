@@ -1,10 +1,12 @@
 //! coco-sidecar: serves AMD SEV-SNP certificate tables to a VMM's guests over a
-//! vhost-user-framed Unix socket. `main.rs` only parses arguments; everything else is here.
+//! vhost-user-framed Unix socket. `main.rs` only runs [`args`]' commands and maps their
+//! failures to exit statuses; everything else is here.
 //!
 //! Modules, each depending only on those below it:
 //!
 //! | module | holds |
 //! |---|---|
+//! | [`args`] | the command line (clap) and its conversion into each command's settings |
 //! | [`daemon`] | the `serve` process: start-up, the operator's blob monitor, descriptor limit, seccomp filter |
 //! | [`demo`], [`tool`] | the demo flow; the `blob` subcommands |
 //! | [`metrics`] | counters, their Prometheus rendering, the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`) |
@@ -17,6 +19,7 @@
 //! | [`sys`] | the few raw system calls that neither std nor `rustix` offers safely |
 
 pub mod argpath;
+pub mod args;
 pub mod blob;
 pub mod cli_docs;
 pub mod config;
