@@ -409,3 +409,400 @@ impl Drop for Session {
         self.metrics.leases_changed(-(self.leases_reported as i64));
     }
 }
+
+/// The session driven as the connection loop drives it, without a socket: messages in,
+/// outcomes out, guest RAM a memfd read back here.
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+
+    use coco_protocol::exit::{build_request, read_answer, CertsRet};
+    use coco_protocol::table::{pages_for, Table};
+    use coco_protocol::wire::{encode_mem_reg, ExitMsg, RegionDesc, FLAG_NEED_REPLY};
+    use coco_protocol::CertKind;
+
+    use super::*;
+
+    const GPA: u64 = 0x10_0000;
+    const RAM: u64 = 16 * 4096;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        table: Vec<u8>,
+        config: Config,
+        store: Arc<BlobStore>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let der = |len: usize, fill: u8| {
+            let mut v = vec![0x30, 0x82, ((len - 4) >> 8) as u8, (len - 4) as u8];
+            v.resize(len, fill);
+            v
+        };
+        let (ark, ask, vcek) = (der(1500, 1), der(1400, 2), der(1300, 3));
+        let table = Table::build(&[
+            (CertKind::Ark.guid(), &ark[..]),
+            (CertKind::Ask.guid(), &ask[..]),
+            (CertKind::Vcek.guid(), &vcek[..]),
+        ])
+        .expect("table")
+        .as_bytes()
+        .to_vec();
+        let blob = dir.path().join("certs.bin");
+        std::fs::write(&blob, &table).expect("blob");
+        let mut config = Config::new(dir.path().join("unused.sock"), &blob);
+        config.lock_wait = Duration::ZERO;
+        config.max_leases = 2;
+        let store = Arc::new(BlobStore::new(
+            &blob,
+            config.lock_wait,
+            config.missing_certs,
+        ));
+        Fixture {
+            _dir: dir,
+            table,
+            config,
+            store,
+        }
+    }
+
+    fn session(f: &Fixture) -> Session {
+        Session::new(1, &f.config, f.store.clone())
+    }
+
+    fn send(s: &mut Session, request: Request, payload: &[u8], need_reply: bool) -> Outcome {
+        s.handle(
+            &Header::request(request, payload.len(), need_reply),
+            payload,
+            Vec::new(),
+        )
+    }
+
+    /// The errno of an acknowledgement, or panics.
+    fn acked(outcome: Outcome, request: Request) -> u64 {
+        match outcome {
+            Outcome::Reply(h, payload) => {
+                assert_eq!(h, Header::reply(request, 8));
+                u64::from_le_bytes(payload.try_into().expect("8 bytes"))
+            }
+            other => panic!("{request:?}: {other:?}, not an acknowledgement"),
+        }
+    }
+
+    fn negotiate(s: &mut Session) {
+        let features = PF_COCO | PF_REPLY_ACK | PF_CONFIGURE_MEM_SLOTS;
+        let out = send(
+            s,
+            Request::SetProtocolFeatures,
+            &features.to_le_bytes(),
+            true,
+        );
+        assert_eq!(acked(out, Request::SetProtocolFeatures), 0);
+        assert!(s.negotiated());
+    }
+
+    /// A session with one memfd region of RAM at [`GPA`]; the memfd is returned to read back.
+    fn with_ram(f: &Fixture) -> (Session, File) {
+        let mut s = session(f);
+        negotiate(&mut s);
+        let ram = memfd::MemfdOptions::default()
+            .create("guest")
+            .expect("memfd")
+            .into_file();
+        ram.set_len(RAM).expect("size");
+        let desc = RegionDesc {
+            guest_phys_addr: GPA,
+            memory_size: RAM,
+            userspace_addr: 0,
+            mmap_offset: 0,
+        };
+        let payload = encode_mem_reg(&desc);
+        let out = s.handle(
+            &Header::request(Request::AddMemReg, payload.len(), true),
+            &payload,
+            vec![ram.try_clone().expect("dup").into()],
+        );
+        assert_eq!(acked(out, Request::AddMemReg), 0);
+        (s, ram)
+    }
+
+    /// Sends COCO_EXIT for `npages` at `gpa` from `vcpu`; returns the reply.
+    fn exit(s: &mut Session, abi: Abi, vcpu: u32, gpa: u64, npages: u64) -> ExitMsg {
+        let msg = ExitMsg {
+            abi: abi.tag(),
+            vcpu,
+            status: 0,
+            lease: 0,
+            record: build_request(abi, gpa, npages),
+        };
+        match send(s, Request::CocoExit, &msg.encode(), false) {
+            Outcome::Reply(h, payload) => {
+                assert_eq!(h, Header::reply(Request::CocoExit, payload.len()));
+                ExitMsg::decode(&payload).expect("reply")
+            }
+            other => panic!("COCO_EXIT: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_handshake_offers_and_acks_what_protocol_md_says() {
+        let f = fixture();
+        let mut s = session(&f);
+        let Outcome::Reply(_, features) = send(&mut s, Request::GetFeatures, &[], false) else {
+            panic!("GET_FEATURES")
+        };
+        assert_eq!(features, F_PROTOCOL_FEATURES.to_le_bytes());
+        let Outcome::Reply(_, offered) = send(&mut s, Request::GetProtocolFeatures, &[], false)
+        else {
+            panic!("GET_PROTOCOL_FEATURES")
+        };
+        assert_eq!(offered, SUPPORTED_PROTOCOL_FEATURES.to_le_bytes());
+        assert!(!s.negotiated());
+        negotiate(&mut s);
+        // Negotiated once: again is a protocol error.
+        let again = send(
+            &mut s,
+            Request::SetProtocolFeatures,
+            &PF_COCO.to_le_bytes(),
+            false,
+        );
+        assert!(matches!(again, Outcome::Close(SessionError::Renegotiated)));
+    }
+
+    #[test]
+    fn handshakes_that_leave_nothing_to_do_close() {
+        let f = fixture();
+        let out = send(
+            &mut session(&f),
+            Request::SetProtocolFeatures,
+            &PF_REPLY_ACK.to_le_bytes(),
+            true,
+        );
+        assert!(matches!(out, Outcome::Close(SessionError::NoCoco(_))));
+        let unoffered = PF_COCO | 1 << 63;
+        let out = send(
+            &mut session(&f),
+            Request::SetProtocolFeatures,
+            &unoffered.to_le_bytes(),
+            true,
+        );
+        assert!(matches!(
+            out,
+            Outcome::Close(SessionError::UnofferedProtocolFeatures(x)) if x == unoffered
+        ));
+        // COCO requests before the handshake.
+        let out = send(&mut session(&f), Request::CocoGetCaps, &[], false);
+        assert!(matches!(
+            out,
+            Outcome::Close(SessionError::NotNegotiated {
+                request: Request::CocoGetCaps,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_refusal_is_acked_when_asked_for_and_closes_otherwise() {
+        let f = fixture();
+        let mut s = session(&f);
+        negotiate(&mut s);
+        let unoffered = (F_PROTOCOL_FEATURES | 1).to_le_bytes();
+        let out = send(&mut s, Request::SetFeatures, &unoffered, true);
+        assert_eq!(acked(out, Request::SetFeatures), libc::EINVAL as u64);
+        let out = send(&mut s, Request::SetFeatures, &unoffered, false);
+        assert!(matches!(
+            out,
+            Outcome::Close(SessionError::Refused {
+                request: Request::SetFeatures,
+                why: Refusal::UnofferedFeatures(_),
+            })
+        ));
+        // An accepted request without NEED_REPLY gets nothing back.
+        let out = send(
+            &mut s,
+            Request::SetFeatures,
+            &F_PROTOCOL_FEATURES.to_le_bytes(),
+            false,
+        );
+        assert!(matches!(out, Outcome::Quiet));
+        // The header's flag is what counts, not the request.
+        let header = Header {
+            flags: VERSION_FLAGS | FLAG_NEED_REPLY,
+            ..Header::request(Request::SetOwner, 0, false)
+        };
+        assert_eq!(
+            acked(s.handle(&header, &[], Vec::new()), Request::SetOwner),
+            0
+        );
+    }
+
+    const VERSION_FLAGS: u32 = coco_protocol::wire::VERSION;
+
+    #[test]
+    fn caps_report_the_configuration() {
+        let f = fixture();
+        let mut s = session(&f);
+        negotiate(&mut s);
+        let Outcome::Reply(_, payload) = send(&mut s, Request::CocoGetCaps, &[], false) else {
+            panic!("caps")
+        };
+        let caps = Caps::decode(&payload).expect("caps");
+        assert_eq!(
+            caps.abis,
+            Abi::CocoRfc.cap_bit() | Abi::SnpReqCerts.cap_bit()
+        );
+        assert_eq!(caps.coco_subtypes, COCO_SUBTYPE_REQ_CERTS);
+        assert_eq!(caps.max_leases, 2);
+        assert_eq!(caps.lease_timeout_ms, 5000);
+        // Not negotiated: reserved.
+        assert_eq!(caps.lock_wait_ms, 0);
+    }
+
+    #[test]
+    fn a_request_gets_the_table_in_guest_ram_and_a_lease_until_done() {
+        let f = fixture();
+        let (mut s, ram) = with_ram(&f);
+        let npages = pages_for(f.table.len());
+        for (vcpu, abi) in [(0, Abi::SnpReqCerts), (1, Abi::CocoRfc)] {
+            let gpa = GPA + u64::from(vcpu) * 4 * 4096;
+            let reply = exit(&mut s, abi, vcpu, gpa, npages);
+            assert_eq!(reply.status, 0);
+            assert_eq!(
+                read_answer(abi, &reply.record).expect("answer"),
+                (CertsRet::Ok as u64, npages)
+            );
+            assert_ne!(reply.lease, 0);
+            let mut written = vec![0; f.table.len()];
+            ram.read_exact_at(&mut written, gpa - GPA)
+                .expect("read back");
+            assert_eq!(written, f.table);
+        }
+        assert_eq!(s.leases_held(), 2);
+        // Both leases in use: a third vCPU is told to retry.
+        let reply = exit(&mut s, Abi::SnpReqCerts, 2, GPA, npages);
+        assert_eq!(
+            read_answer(Abi::SnpReqCerts, &reply.record)
+                .expect("answer")
+                .0,
+            CertsRet::Again as u64
+        );
+        assert_eq!(reply.lease, 0);
+        // vCPU 0 asks again: its previous lease ends, and it gets a new one.
+        let again = exit(&mut s, Abi::SnpReqCerts, 0, GPA, npages);
+        assert_ne!(again.lease, 0);
+        assert_eq!(s.leases_held(), 2);
+        let done = |s: &mut Session, lease: u64| {
+            acked(
+                send(s, Request::CocoDone, &lease.to_le_bytes(), true),
+                Request::CocoDone,
+            )
+        };
+        assert_eq!(done(&mut s, again.lease), 0);
+        assert_eq!(s.leases_held(), 1);
+        assert_eq!(done(&mut s, again.lease), libc::ENOENT as u64);
+        // The lease that remains expires on its own.
+        let deadline = s.next_deadline().expect("a lease deadline");
+        s.expire(deadline + Duration::from_millis(1));
+        assert_eq!(s.leases_held(), 0);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_small_buffer_gets_enospc_and_nothing_written() {
+        let f = fixture();
+        let (mut s, ram) = with_ram(&f);
+        let needed = pages_for(f.table.len());
+        assert!(needed > 1);
+        for npages in [0, needed - 1] {
+            let reply = exit(&mut s, Abi::SnpReqCerts, 0, GPA, npages);
+            assert_eq!(
+                read_answer(Abi::SnpReqCerts, &reply.record).expect("answer"),
+                (CertsRet::NoSpace as u64, needed)
+            );
+            assert_eq!(reply.lease, 0);
+        }
+        let mut ram_bytes = vec![0; RAM as usize];
+        ram.read_exact_at(&mut ram_bytes, 0).expect("read back");
+        assert!(ram_bytes.iter().all(|b| *b == 0));
+        assert_eq!(s.leases_held(), 0);
+    }
+
+    #[test]
+    fn a_buffer_outside_guest_ram_gets_eio() {
+        let f = fixture();
+        let (mut s, _ram) = with_ram(&f);
+        let npages = pages_for(f.table.len());
+        // Crosses the end of the region; unaligned; beyond 64 bits.
+        for (gpa, npages) in [
+            (GPA + RAM - 4096, npages),
+            (GPA + 1, npages),
+            (u64::MAX - 4095, npages),
+        ] {
+            let reply = exit(&mut s, Abi::SnpReqCerts, 0, gpa, npages);
+            assert_eq!(
+                read_answer(Abi::SnpReqCerts, &reply.record)
+                    .expect("answer")
+                    .0,
+                CertsRet::Io as u64,
+                "gpa {gpa:#x}"
+            );
+        }
+        assert_eq!(s.leases_held(), 0);
+    }
+
+    #[test]
+    fn records_that_are_not_certificate_requests_get_a_status() {
+        let f = fixture();
+        let (mut s, _ram) = with_ram(&f);
+        let mut send_exit = |abi: u32, record: Vec<u8>| {
+            let msg = ExitMsg {
+                abi,
+                vcpu: 0,
+                status: 0,
+                lease: 0,
+                record,
+            };
+            match send(&mut s, Request::CocoExit, &msg.encode(), false) {
+                Outcome::Reply(_, payload) => ExitMsg::decode(&payload).expect("reply"),
+                other => panic!("{other:?}"),
+            }
+        };
+        let unknown = send_exit(7, vec![0; 24]);
+        assert_eq!(unknown.status, libc::ENOTSUP as u32);
+        assert_eq!(unknown.record, [0; 24], "the record comes back untouched");
+        let short = send_exit(Abi::SnpReqCerts.tag(), vec![0; 16]);
+        assert_eq!(short.status, libc::EINVAL as u32);
+        let mut rfc = build_request(Abi::CocoRfc, GPA, 4);
+        rfc[0] = 1; // a sub-type other than REQ_CERTS
+        let other = send_exit(Abi::CocoRfc.tag(), rfc.clone());
+        assert_eq!(other.status, libc::ENOTSUP as u32);
+        assert_eq!(other.record, rfc);
+    }
+
+    #[test]
+    fn memory_refusals_carry_their_errno() {
+        let f = fixture();
+        let (mut s, ram) = with_ram(&f);
+        let overlap = RegionDesc {
+            guest_phys_addr: GPA + 4096,
+            memory_size: 4096,
+            userspace_addr: 0,
+            mmap_offset: 0,
+        };
+        let payload = encode_mem_reg(&overlap);
+        let out = s.handle(
+            &Header::request(Request::AddMemReg, payload.len(), true),
+            &payload,
+            vec![ram.try_clone().expect("dup").into()],
+        );
+        assert_eq!(acked(out, Request::AddMemReg), libc::EEXIST as u64);
+        let out = send(&mut s, Request::RemMemReg, &payload, true);
+        assert_eq!(acked(out, Request::RemMemReg), libc::ENOENT as u64);
+        // ADD_MEM_REG without its descriptor is malformed: the stream cannot be trusted.
+        let out = send(&mut s, Request::AddMemReg, &payload, true);
+        assert!(matches!(out, Outcome::Close(SessionError::Wire(_))));
+    }
+}
