@@ -419,9 +419,8 @@ mod tests {
     use std::time::Duration;
 
     use coco_protocol::exit::{build_request, read_answer, CertsRet};
-    use coco_protocol::table::{pages_for, Table};
+    use coco_protocol::table::pages_for;
     use coco_protocol::wire::{encode_mem_reg, ExitMsg, RegionDesc, FLAG_NEED_REPLY};
-    use coco_protocol::CertKind;
 
     use super::*;
 
@@ -437,20 +436,8 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let der = |len: usize, fill: u8| {
-            let mut v = vec![0x30, 0x82, ((len - 4) >> 8) as u8, (len - 4) as u8];
-            v.resize(len, fill);
-            v
-        };
-        let (ark, ask, vcek) = (der(1500, 1), der(1400, 2), der(1300, 3));
-        let table = Table::build(&[
-            (CertKind::Ark.guid(), &ark[..]),
-            (CertKind::Ask.guid(), &ask[..]),
-            (CertKind::Vcek.guid(), &vcek[..]),
-        ])
-        .expect("table")
-        .as_bytes()
-        .to_vec();
+        // The demo's sample chain: real certificates, a table of several pages.
+        let table = crate::demo::sample_table().as_bytes().to_vec();
         let blob = dir.path().join("certs.bin");
         std::fs::write(&blob, &table).expect("blob");
         let mut config = Config::new(dir.path().join("unused.sock"), &blob);
