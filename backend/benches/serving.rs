@@ -1081,15 +1081,16 @@ fn blob_checks(blob: &Path) {
             std::hint::black_box(&f);
         },
     );
-    let id = coco_sidecar::waiters::stat_lock_id(&held.metadata().expect("stat"));
+    let id = coco_sidecar::blob::waiters::stat_lock_id(&held.metadata().expect("stat"));
     bench(
         "read /proc/locks for waiting updaters (done every 250 ms while serving)",
         &mut || {
-            let waiting = coco_sidecar::waiters::updater_waiting(&id).expect("/proc/locks");
+            let waiting = coco_sidecar::blob::waiters::updater_waiting(&id).expect("/proc/locks");
             std::hint::black_box(waiting);
         },
     );
-    let locks = std::fs::read_to_string(coco_sidecar::waiters::PROC_LOCKS).unwrap_or_default();
+    let locks =
+        std::fs::read_to_string(coco_sidecar::blob::waiters::PROC_LOCKS).unwrap_or_default();
     println!("\n(/proc/locks: {} lines)", locks.lines().count());
     println!("\n(BlobStore: {:?})", store.stats());
 }

@@ -113,8 +113,7 @@ pub fn explain(arg: &'static str, path: &Path, want: Want, error: io::Error) -> 
         (None, Some(libc::EACCES)) => format!(
             "permission denied for uid {}: the file and every directory above it must be \
              readable (and the directories searchable) by that user",
-            // SAFETY: geteuid(2) has no preconditions and cannot fail.
-            unsafe { libc::geteuid() }
+            rustix::process::geteuid().as_raw()
         ),
         (None, Some(libc::ELOOP)) => {
             "too many levels of symbolic links (a link pointing to itself?): check the path"

@@ -4,7 +4,28 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::listen::{Listen, DEFAULT_SOCKET_MODE};
+use crate::listen::Listen;
+
+/// The defaults of `serve`'s options, in the units the options take (milliseconds, counts);
+/// [`Config::new`] and the command line both use these, and `--help` shows them.
+pub mod defaults {
+    /// `--lock-wait-ms`.
+    pub const LOCK_WAIT_MS: u64 = 100;
+    /// `--lease-timeout-ms`.
+    pub const LEASE_TIMEOUT_MS: u64 = 5000;
+    /// `--max-eagain-ms`: below the 60 s after which Linux guests give up.
+    pub const MAX_EAGAIN_MS: u64 = 30_000;
+    /// `--max-connections`.
+    pub const MAX_CONNECTIONS: usize = 16;
+    /// `--max-leases`.
+    pub const MAX_LEASES: usize = 64;
+    /// `--io-timeout-ms`.
+    pub const IO_TIMEOUT_MS: u64 = 5000;
+    /// `--handshake-timeout-ms`.
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 2000;
+    /// `--socket-mode`.
+    pub const SOCKET_MODE: u32 = crate::listen::DEFAULT_SOCKET_MODE;
+}
 
 /// What a request gets while the certificate blob does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +58,7 @@ pub struct Config {
     pub max_eagain: Duration,
     /// Policy while the blob is missing.
     pub missing_certs: MissingCerts,
-    /// Connections that may hold guest memory or leases at once; [`crate::slots::SPARE_SLOTS`]
+    /// Connections that may hold guest memory or leases at once; [`crate::serve::slots::SPARE_SLOTS`]
     /// more may be open without either.
     pub max_connections: usize,
     /// Leases one connection may hold at once.
@@ -59,17 +80,17 @@ impl Config {
     pub fn new(socket: impl Into<PathBuf>, certs: impl Into<PathBuf>) -> Config {
         Config {
             listen: Listen::Path(socket.into()),
-            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_mode: defaults::SOCKET_MODE,
             allow_uids: Vec::new(),
             certs: certs.into(),
-            lock_wait: Duration::from_millis(100),
-            lease_timeout: Duration::from_millis(5000),
-            max_eagain: Duration::from_millis(30_000),
+            lock_wait: Duration::from_millis(defaults::LOCK_WAIT_MS),
+            lease_timeout: Duration::from_millis(defaults::LEASE_TIMEOUT_MS),
+            max_eagain: Duration::from_millis(defaults::MAX_EAGAIN_MS),
             missing_certs: MissingCerts::Empty,
-            max_connections: 16,
-            max_leases: 64,
-            io_timeout: Duration::from_millis(5000),
-            handshake_timeout: Duration::from_millis(2000),
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_leases: defaults::MAX_LEASES,
+            io_timeout: Duration::from_millis(defaults::IO_TIMEOUT_MS),
+            handshake_timeout: Duration::from_millis(defaults::HANDSHAKE_TIMEOUT_MS),
             metrics: None,
             seccomp: false,
         }

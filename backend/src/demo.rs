@@ -14,7 +14,7 @@ use coco_protocol::{Frontend, MemoryRegion};
 use thiserror::Error;
 
 use crate::config::Config;
-use crate::server::{Server, Shutdown};
+use crate::serve::{Server, Shutdown};
 
 /// The sample chain: ARK and ASK (RSA-4096, RSASSA-PSS) and a P-384 VCEK, made by
 /// `backend/data/make-sample.sh`. Synthetic: not AMD's, attesting nothing.
@@ -40,7 +40,7 @@ pub enum DemoError {
     #[error("{0}: {1}")]
     Io(&'static str, std::io::Error),
     #[error(transparent)]
-    Server(#[from] crate::server::ServerError),
+    Server(#[from] crate::serve::server::ServerError),
     #[error(transparent)]
     Frontend(#[from] coco_protocol::FrontendError),
     #[error("guest memory: {0}")]

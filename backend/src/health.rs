@@ -20,7 +20,7 @@ use coco_protocol::wire::Caps;
 use coco_protocol::{Frontend, FrontendError};
 use thiserror::Error;
 
-use crate::blob::{BlobStore, Fetch};
+use crate::blob::{BlobError, BlobStore, Fetch};
 use crate::config::MissingCerts;
 
 /// Exit status: the sidecar does not answer properly on its socket.
@@ -68,9 +68,9 @@ pub enum HealthError {
         subtypes: u64,
     },
     #[error("blob not servable now (guests get EAGAIN): {0}")]
-    BlobAgain(String),
+    BlobAgain(BlobError),
     #[error("blob not servable (guests get EIO): {0}")]
-    BlobIo(String),
+    BlobIo(BlobError),
 }
 
 impl HealthError {
@@ -196,8 +196,8 @@ pub fn blob_ready(
                 entries,
             })
         }
-        Fetch::Again(why) => Err(HealthError::BlobAgain(why.to_string())),
-        Fetch::Io(why) => Err(HealthError::BlobIo(why.to_string())),
+        Fetch::Again(why) => Err(HealthError::BlobAgain(why)),
+        Fetch::Io(why) => Err(HealthError::BlobIo(why)),
     }
 }
 
@@ -205,7 +205,7 @@ pub fn blob_ready(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::server::{Server, Shutdown};
+    use crate::serve::{Server, Shutdown};
 
     fn opts(socket: PathBuf, certs: Option<PathBuf>) -> HealthOptions {
         HealthOptions {

@@ -11,9 +11,9 @@
 //! allow-list (`--allow-uid`) a peer whose uid is not on it (nor the sidecar's own uid, which
 //! its `health` probe runs as) is refused.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,14 +21,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{info, warn};
+use rustix::fs::{FileType, Mode, RenameFlags, CWD};
+use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use thiserror::Error;
+
+use crate::sys;
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 pub const SD_LISTEN_FDS_START: RawFd = 3;
 /// Mode of a socket the sidecar creates, unless configured otherwise: only its own user.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Pending connections the kernel queues before `accept`.
-const BACKLOG: libc::c_int = 64;
+const BACKLOG: i32 = 64;
+/// The longest socket path: `sun_path` has 108 bytes, with room for the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Why no listening socket could be had, or a peer was refused.
 #[derive(Debug, Error)]
@@ -47,10 +53,53 @@ pub enum ListenError {
     Inherited {
         fd: RawFd,
         how: &'static str,
-        why: String,
+        #[source]
+        why: Unusable,
     },
-    #[error("systemd socket activation: {0}")]
-    Systemd(String),
+    #[error("systemd socket activation: LISTEN_PID={0:?} is not a pid")]
+    SystemdPid(OsString),
+    #[error("systemd socket activation: LISTEN_PID is set but LISTEN_FDS is not")]
+    SystemdNoFds,
+    #[error(
+        "systemd socket activation: LISTEN_FDS={0} but the sidecar serves exactly one socket \
+         (set it to 1: one ListenStream= in the .socket unit)"
+    )]
+    SystemdFds(String),
+}
+
+/// Why a descriptor cannot be the listening socket.
+#[derive(Debug, Error)]
+pub enum Unusable {
+    #[error("it must be 3 or more (0, 1 and 2 are standard I/O)")]
+    StandardIo,
+    #[error("not open: {0}")]
+    NotOpen(io::Error),
+    #[error("{what}: {source}")]
+    Query {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("not a socket")]
+    NotSocket,
+    #[error("not an AF_UNIX socket (domain {0})")]
+    NotUnix(u16),
+    #[error("not a SOCK_STREAM socket (type {0})")]
+    NotStream(u32),
+    #[error("not listening (listen(2) was not called on it)")]
+    NotListening,
+    #[error("cannot set close-on-exec: {0}")]
+    CloseOnExec(io::Error),
+    #[error("cannot duplicate it: {0}")]
+    Duplicate(io::Error),
+}
+
+/// Why a connection's peer is refused.
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error("cannot read SO_PEERCRED: {0}")]
+    Credentials(io::Error),
+    #[error("peer uid {uid} (pid {pid}) is not allowed (--allow-uid)")]
+    NotAllowed { uid: u32, pid: i32 },
 }
 
 /// How the listening socket is obtained.
@@ -87,56 +136,28 @@ impl Listen {
     }
 }
 
-fn errno() -> io::Error {
-    io::Error::last_os_error()
-}
-
-fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for writes for the whole call and `len` is the size
-    // of `value`; the descriptor is borrowed, so open.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(errno());
-    }
-    Ok(value)
-}
-
 /// Checks that `fd` is a listening `AF_UNIX` `SOCK_STREAM` socket; the reason when not.
-pub fn check_listening_unix_stream(fd: BorrowedFd<'_>) -> Result<(), String> {
-    let file_type = {
-        // SAFETY: libc::stat is a plain C struct; all-zero bytes are a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is valid for writes; the descriptor is borrowed, so open.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(format!("fstat: {}", errno()));
+pub fn check_listening_unix_stream(fd: BorrowedFd<'_>) -> Result<(), Unusable> {
+    let query = |what| {
+        move |e: rustix::io::Errno| Unusable::Query {
+            what,
+            source: e.into(),
         }
-        st.st_mode & libc::S_IFMT
     };
-    if file_type != libc::S_IFSOCK {
-        return Err("not a socket".into());
+    let st = rustix::fs::fstat(fd).map_err(query("fstat"))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(Unusable::NotSocket);
     }
-    let domain = getsockopt_int(fd, libc::SO_DOMAIN).map_err(|e| format!("SO_DOMAIN: {e}"))?;
-    if domain != libc::AF_UNIX {
-        return Err(format!("not an AF_UNIX socket (domain {domain})"));
+    let domain = sockopt::socket_domain(fd).map_err(query("SO_DOMAIN"))?;
+    if domain != AddressFamily::UNIX {
+        return Err(Unusable::NotUnix(domain.as_raw()));
     }
-    let kind = getsockopt_int(fd, libc::SO_TYPE).map_err(|e| format!("SO_TYPE: {e}"))?;
-    if kind != libc::SOCK_STREAM {
-        return Err(format!("not a SOCK_STREAM socket (type {kind})"));
+    let kind = sockopt::socket_type(fd).map_err(query("SO_TYPE"))?;
+    if kind != SocketType::STREAM {
+        return Err(Unusable::NotStream(kind.as_raw()));
     }
-    let listening =
-        getsockopt_int(fd, libc::SO_ACCEPTCONN).map_err(|e| format!("SO_ACCEPTCONN: {e}"))?;
-    if listening == 0 {
-        return Err("not listening (listen(2) was not called on it)".into());
+    if !sockopt::socket_acceptconn(fd).map_err(query("SO_ACCEPTCONN"))? {
+        return Err(Unusable::NotListening);
     }
     Ok(())
 }
@@ -149,31 +170,25 @@ pub fn check_listening_unix_stream(fd: BorrowedFd<'_>) -> Result<(), String> {
 /// creates before it runs, so it cannot take over a descriptor the process opened itself).
 /// Descriptors 0 to 2 are refused: they are standard input, output and error.
 pub fn inherit(number: RawFd, how: &'static str) -> Result<Inherited, ListenError> {
-    let bad = |why: String| ListenError::Inherited {
+    let bad = |why| ListenError::Inherited {
         fd: number,
         how,
         why,
     };
     if number < 3 {
-        return Err(bad(
-            "it must be 3 or more (0, 1 and 2 are standard I/O)".into()
-        ));
+        return Err(bad(Unusable::StandardIo));
     }
-    // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
-    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
-        return Err(bad(format!("not open: {}", errno())));
-    }
-    // SAFETY: the descriptor is open (checked just above) and stays open while borrowed here:
-    // nothing in this process closes a descriptor it does not own.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(number) };
-    check_listening_unix_stream(borrowed).map_err(bad)?;
-    // SAFETY: see the function's contract: `number` is an open listening socket that this
-    // process inherited and that no other object owns, and callers claim each number once.
+    sys::fd_is_open(number).map_err(|e| bad(Unusable::NotOpen(e)))?;
+    // SAFETY: see the function's contract: `number` is open (checked just above), this process
+    // inherited it and no other object owns it, and callers claim each number once. What is
+    // not a listening socket is handed back below without being closed.
     let fd = unsafe { OwnedFd::from_raw_fd(number) };
-    // SAFETY: F_SETFD with FD_CLOEXEC on a descriptor we now own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(bad(format!("cannot set close-on-exec: {}", errno())));
+    if let Err(why) = check_listening_unix_stream(fd.as_fd()) {
+        let _ = fd.into_raw_fd();
+        return Err(bad(why));
     }
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| bad(Unusable::CloseOnExec(e.into())))?;
     Ok(Inherited {
         fd: Arc::new(fd),
         number,
@@ -196,19 +211,16 @@ pub fn from_systemd(
     let pid: u32 = std::str::from_utf8(pid.as_bytes())
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| ListenError::Systemd(format!("LISTEN_PID={pid:?} is not a pid")))?;
+        .ok_or_else(|| ListenError::SystemdPid(pid.to_owned()))?;
     if pid != std::process::id() {
         return Ok(None);
     }
-    let fds = listen_fds
-        .ok_or_else(|| ListenError::Systemd("LISTEN_PID is set but LISTEN_FDS is not".into()))?;
+    let fds = listen_fds.ok_or(ListenError::SystemdNoFds)?;
     match fds.as_bytes() {
         b"1" => inherit(SD_LISTEN_FDS_START, "systemd").map(Some),
-        other => Err(ListenError::Systemd(format!(
-            "LISTEN_FDS={} but the sidecar serves exactly one socket (set it to 1: one \
-             ListenStream= in the .socket unit)",
-            String::from_utf8_lossy(other)
-        ))),
+        other => Err(ListenError::SystemdFds(
+            String::from_utf8_lossy(other).into_owned(),
+        )),
     }
 }
 
@@ -217,28 +229,8 @@ pub const SYSTEMD_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES
 
 /// The path a Unix socket is bound to, if it has one.
 fn local_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
-    // SAFETY: sockaddr_un is a plain C struct; all-zero bytes are a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` are valid for writes and `len` is `addr`'s size.
-    let rc = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut addr as *mut libc::sockaddr_un).cast(),
-            &mut len,
-        )
-    };
-    let offset = std::mem::size_of::<libc::sa_family_t>();
-    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_un>());
-    if rc != 0 || len <= offset || addr.sun_path[0] == 0 {
-        return None;
-    }
-    let bytes: Vec<u8> = addr.sun_path[..len - offset]
-        .iter()
-        .map(|c| *c as u8)
-        .take_while(|b| *b != 0)
-        .collect();
-    Some(PathBuf::from(OsStr::from_bytes(&bytes)))
+    let addr = SocketAddrUnix::try_from(rustix::net::getsockname(fd).ok()?).ok()?;
+    Some(PathBuf::from(OsStr::from_bytes(addr.path_bytes()?)))
 }
 
 /// A listening socket, and what to clean up when done.
@@ -293,7 +285,7 @@ impl Listener {
                 let fd = i.fd.try_clone().map_err(|e| ListenError::Inherited {
                     fd: i.number,
                     how: i.how,
-                    why: format!("cannot duplicate it: {e}"),
+                    why: Unusable::Duplicate(e),
                 })?;
                 Ok(Listener {
                     listener: UnixListener::from(fd),
@@ -323,55 +315,30 @@ fn prepare_path(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// A `sockaddr_un` for `path` and its length; `None` if the path does not fit.
-fn sockaddr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
+/// The socket address of `path`; `None` if the path does not fit one (with its NUL).
+fn sockaddr(path: &Path) -> Option<SocketAddrUnix> {
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is a plain C struct; all-zero bytes are a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() > MAX_SOCKET_PATH || bytes.contains(&0) {
         return None;
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-    Some((addr, len))
+    SocketAddrUnix::new(path).ok()
 }
 
 /// Renames `from` to `to` unless `to` exists (RENAME_NOREPLACE, or a plain rename where the
 /// filesystem lacks it).
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL"))
-    };
-    let (from_c, to_c) = (c(from)?, c(to)?);
-    // SAFETY: two NUL-terminated paths that outlive the call; no other pointers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) => std::fs::rename(from, to),
+        Err(e) => Err(e.into()),
     }
-    let err = errno();
-    if err.raw_os_error() == Some(libc::EINVAL) {
-        return std::fs::rename(from, to);
-    }
-    Err(err)
 }
 
 /// The name a socket for `path` is bound under before it is renamed into place: `PATH~PID`,
 /// with as much of the file name cut off as a socket address needs, so that every path that
 /// fits one has a temporary name too (a Plugin's socket in KubeVirt can be 106 bytes).
 fn temporary_name(path: &Path) -> Option<PathBuf> {
-    const MAX: usize = 107;
+    const MAX: usize = MAX_SOCKET_PATH;
     let suffix = format!("~{:x}", std::process::id());
     let name = path.file_name()?.as_bytes();
     // Not for a path that ends in `.` or `/`, whose file name is not its last bytes.
@@ -390,7 +357,7 @@ fn temporary_name(path: &Path) -> Option<PathBuf> {
 
 /// Creates a listening socket at `path` whose file has exactly `mode`, and that appears at
 /// `path` only once it accepts connections: it is bound under a temporary name next to `path`
-/// (`PATH~PID`, [`temporary_name`]), given its mode (fchmod before bind, so the file is created with `mode` minus
+/// (`PATH~PID`, `temporary_name`), given its mode (fchmod before bind, so the file is created with `mode` minus
 /// the umask, never wider; then chmod to exactly `mode`), put in the listening state, and
 /// renamed to `path`. A client that sees the path can connect; none can connect under a
 /// wider mode. Returns the socket and the identity of its file.
@@ -398,7 +365,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedPath), ListenE
     if mode & !0o777 != 0 {
         return Err(ListenError::Mode(mode));
     }
-    let Some((tmp, (addr, len))) = sockaddr(path)
+    let Some((tmp, addr)) = sockaddr(path)
         .and_then(|_| temporary_name(path))
         .and_then(|tmp| sockaddr(&tmp).map(|a| (tmp, a)))
     else {
@@ -412,30 +379,17 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedPath), ListenE
     // A socket left under this name by a crashed process of the same pid.
     let _ = std::fs::remove_file(&tmp);
 
-    // SAFETY: socket(2) has no memory-safety preconditions.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(fail(errno()));
-    }
-    // SAFETY: `raw` is a descriptor socket(2) just created and nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: fchmod on a descriptor we own; on Linux this sets the socket inode's mode, which
-    // bind(2) gives the new file (less the umask).
-    if unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) } != 0 {
-        return Err(fail(errno()));
-    }
-    // SAFETY: `addr` is an initialised sockaddr_un and `len` covers the family, the path and
-    // its terminating NUL, within the struct.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if rc != 0 {
-        return Err(fail(errno()));
-    }
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| fail(e.into()))?;
+    // On Linux this sets the socket inode's mode, which bind(2) gives the new file (less the
+    // umask).
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| fail(e.into()))?;
+    rustix::net::bind(&fd, &addr).map_err(|e| fail(e.into()))?;
     let finish = || -> io::Result<OwnedPath> {
         let made = std::fs::symlink_metadata(&tmp)?;
         if !made.file_type().is_socket() {
@@ -445,10 +399,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedPath), ListenE
             // Only ever widens towards `mode` (the umask removed bits); nobody can connect yet.
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
         }
-        // SAFETY: listen(2) on a bound socket we own.
-        if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
-            return Err(errno());
-        }
+        rustix::net::listen(&fd, BACKLOG)?;
         rename_noreplace(&tmp, path).map_err(|e| match e.raw_os_error() {
             Some(libc::EEXIST) => io::Error::other("another sidecar created it meanwhile"),
             _ => e,
@@ -481,26 +432,7 @@ pub struct Peer {
 
 /// The peer's credentials.
 pub fn peer(stream: &UnixStream) -> io::Result<Peer> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s size; the stream
-    // keeps the descriptor open.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(errno());
-    }
+    let cred = sys::peer_credentials(stream.as_fd())?;
     Ok(Peer {
         pid: cred.pid,
         uid: cred.uid,
@@ -520,8 +452,7 @@ impl PeerPolicy {
     pub fn new(allowed: &[u32]) -> PeerPolicy {
         let mut allowed = allowed.to_vec();
         if !allowed.is_empty() {
-            // SAFETY: geteuid(2) cannot fail and has no preconditions.
-            allowed.push(unsafe { libc::geteuid() });
+            allowed.push(rustix::process::geteuid().as_raw());
             allowed.sort_unstable();
             allowed.dedup();
         }
@@ -534,14 +465,14 @@ impl PeerPolicy {
     }
 
     /// Admits `peer`, or says why not.
-    pub fn admit(&self, peer: &Peer) -> Result<(), String> {
+    pub fn admit(&self, peer: &Peer) -> Result<(), PeerError> {
         if self.allowed.is_empty() || self.allowed.binary_search(&peer.uid).is_ok() {
             Ok(())
         } else {
-            Err(format!(
-                "peer uid {} (pid {}) is not allowed (--allow-uid)",
-                peer.uid, peer.pid
-            ))
+            Err(PeerError::NotAllowed {
+                uid: peer.uid,
+                pid: peer.pid,
+            })
         }
     }
 }
@@ -620,18 +551,24 @@ mod tests {
         let d = tmpdir("kinds");
         let (a, _b) = UnixStream::pair().expect("pair");
         let why = check_listening_unix_stream(a.as_fd()).expect_err("connected");
-        assert!(why.contains("not listening"), "{why}");
+        assert!(matches!(why, Unusable::NotListening), "{why}");
         let f = std::fs::File::open("/dev/null").expect("open");
-        assert_eq!(
-            check_listening_unix_stream(f.as_fd()).expect_err("file"),
-            "not a socket"
-        );
+        assert!(matches!(
+            check_listening_unix_stream(f.as_fd()),
+            Err(Unusable::NotSocket)
+        ));
         let dgram = std::os::unix::net::UnixDatagram::unbound().expect("dgram");
         let why = check_listening_unix_stream(dgram.as_fd()).expect_err("dgram");
-        assert!(why.contains("SOCK_STREAM"), "{why}");
+        assert!(
+            matches!(why, Unusable::NotStream(t) if t == libc::SOCK_DGRAM as u32),
+            "{why}"
+        );
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
         let why = check_listening_unix_stream(tcp.as_fd()).expect_err("tcp");
-        assert!(why.contains("AF_UNIX"), "{why}");
+        assert!(
+            matches!(why, Unusable::NotUnix(d) if d == libc::AF_INET as u16),
+            "{why}"
+        );
         std::fs::remove_dir_all(&d).expect("rm");
     }
 
@@ -667,7 +604,7 @@ mod tests {
             .is_none());
         assert!(matches!(
             from_systemd(Some(OsStr::new("x")), None),
-            Err(ListenError::Systemd(_))
+            Err(ListenError::SystemdPid(_))
         ));
         let me = std::process::id().to_string();
         let err =
@@ -691,6 +628,6 @@ mod tests {
         // SAFETY: geteuid(2) has no preconditions.
         assert!(list.admit(&peer(unsafe { libc::geteuid() })).is_ok());
         let why = list.admit(&peer(4242)).expect_err("not listed");
-        assert!(why.contains("uid 4242"), "{why}");
+        assert!(why.to_string().contains("uid 4242"), "{why}");
     }
 }

@@ -18,12 +18,12 @@ use log::{Level, Log, Metadata, Record};
 /// How log lines are written on standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
-    /// `[2026-01-01T00:00:00Z INFO  coco_sidecar::server] message`, for people (and journald,
+    /// `[2026-01-01T00:00:00Z INFO  coco_sidecar::serve::server] message`, for people (and journald,
     /// which adds its own time stamp and keeps the line).
     #[default]
     Text,
     /// One JSON object per line, `{"ts":"2026-01-01T00:00:00.123Z","level":"INFO",
-    /// "target":"coco_sidecar::server","msg":"..."}`, for log collectors (journald's JSON
+    /// "target":"coco_sidecar::serve::server","msg":"..."}`, for log collectors (journald's JSON
     /// export, Kubernetes log pipelines) that parse fields instead of text.
     Json,
 }
@@ -189,7 +189,7 @@ mod tests {
             &mut out,
             &Record::builder()
                 .level(Level::Warn)
-                .target("coco_sidecar::monitor")
+                .target("coco_sidecar::daemon::monitor")
                 .args(format_args!("two\nlines \"quoted\""))
                 .build(),
         )
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
         assert_eq!(v["level"], "WARN");
-        assert_eq!(v["target"], "coco_sidecar::monitor");
+        assert_eq!(v["target"], "coco_sidecar::daemon::monitor");
         assert_eq!(v["msg"], "two\nlines \"quoted\"");
         let ts = v["ts"].as_str().expect("ts");
         assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use coco_protocol::wire::RegionDesc;
-use coco_sidecar::memory::{GuestRam, MemoryError};
+use coco_sidecar::serve::memory::{GuestRam, MemoryError};
 use libfuzzer_sys::fuzz_target;
 
 const PAGE: u64 = 4096;

@@ -24,7 +24,7 @@ use coco_protocol::wire::{
 };
 use coco_protocol::CertKind;
 use coco_sidecar::blob::BlobStore;
-use coco_sidecar::session::{Outcome, Session};
+use coco_sidecar::serve::session::{Outcome, Session};
 use coco_sidecar::{Config, MissingCerts};
 use libfuzzer_sys::fuzz_target;
 
@@ -289,7 +289,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Outcome::Quiet => {}
             Outcome::Close(why) => {
-                assert!(!why.is_empty());
+                assert!(!why.to_string().is_empty());
                 break;
             }
         }

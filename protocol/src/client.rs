@@ -17,25 +17,44 @@ use crate::wire::{
 /// Why a frontend call failed.
 #[derive(Debug, Error)]
 pub enum FrontendError {
+    /// The socket could not be connected to.
     #[error("cannot connect to {path}: {source}")]
     Connect {
+        /// The socket's path.
         path: String,
+        /// Why not.
         source: std::io::Error,
     },
+    /// Sending or receiving a message failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A reply that breaks the framing or does not answer the request.
     #[error("malformed reply: {0}")]
     Wire(#[from] WireError),
+    /// The sidecar closed the connection instead of replying.
     #[error("the sidecar closed the connection")]
     Closed,
+    /// A REPLY_ACK acknowledgement with a non-zero errno.
     #[error("the sidecar rejected {request:?}: {}", std::io::Error::from_raw_os_error(*errno as i32))]
-    Rejected { request: Request, errno: u64 },
+    Rejected {
+        /// The request refused.
+        request: Request,
+        /// The errno the acknowledgement carried.
+        errno: u64,
+    },
+    /// The sidecar did not offer a feature the client needs (named).
     #[error("the sidecar does not offer {0}")]
     MissingFeature(&'static str),
+    /// A COCO_EXIT reply with a non-zero status: the record was not answered.
     #[error("the sidecar did not answer the exit record: {}", std::io::Error::from_raw_os_error(*status as i32))]
-    ExitStatus { status: u32 },
+    ExitStatus {
+        /// The reply's status (an errno).
+        status: u32,
+    },
+    /// The answered record does not decode.
     #[error("answered record: {0}")]
     Record(#[from] RecordError),
+    /// An answered `ret` that is none of 0, EAGAIN, ENOSPC and EIO.
     #[error("the sidecar answered ret {0}, which KVM would reject")]
     IllegalRet(u64),
 }

@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use crate::wire::{le_u32, le_u64};
+use crate::le::{le_u32, le_u64};
 
 /// Which kernel ABI a record comes from. The numeric value is the ABI tag on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,7 +107,14 @@ pub struct CertsRequest {
 pub enum RecordError {
     /// The record's length is not its ABI's.
     #[error("record is {got} bytes, ABI {abi:?} records are {want}")]
-    Size { abi: Abi, got: usize, want: usize },
+    Size {
+        /// The ABI the record was tagged with.
+        abi: Abi,
+        /// The record's length.
+        got: usize,
+        /// The ABI's record length.
+        want: usize,
+    },
     /// A seed-ABI record of a sub-type other than REQ_CERTS.
     #[error("COCO exit sub-type {0} is not served")]
     SubType(u8),

@@ -8,8 +8,11 @@
 //! - [`transport`]: sending and receiving one framed message with file descriptors.
 //! - [`client`]: a blocking frontend (VMM side) client.
 
+#![deny(missing_docs)]
+
 pub mod client;
 pub mod exit;
+mod le;
 pub mod table;
 pub mod transport;
 pub mod wire;

@@ -162,32 +162,54 @@ pub enum TableError {
     TooLarge(usize),
     /// An entry with length 0.
     #[error("entry {index} ({guid}) has length 0")]
-    EmptyEntry { index: usize, guid: Guid },
+    EmptyEntry {
+        /// The entry's index in the list.
+        index: usize,
+        /// The entry's GUID.
+        guid: Guid,
+    },
     /// An entry whose data starts inside the entry list.
     #[error("entry {index} ({guid}) data at offset {offset} lies inside the entry list, which ends at {table_end}")]
     InsideHeader {
+        /// The entry's index in the list.
         index: usize,
+        /// The entry's GUID.
         guid: Guid,
+        /// The entry's data offset.
         offset: u32,
+        /// Where the entry list (with its terminator) ends.
         table_end: usize,
     },
     /// An entry whose data runs past the end of the bytes.
     #[error("entry {index} ({guid}) data {offset}+{length} runs past the end of the {size} bytes")]
     OutOfBounds {
+        /// The entry's index in the list.
         index: usize,
+        /// The entry's GUID.
         guid: Guid,
+        /// The entry's data offset.
         offset: u32,
+        /// The entry's data length.
         length: u32,
+        /// The size of the bytes parsed.
         size: usize,
     },
     /// Two entries whose data overlap.
     #[error("entries {first} and {second} overlap")]
-    Overlap { first: usize, second: usize },
+    Overlap {
+        /// The index of the first entry.
+        first: usize,
+        /// The index of the second entry.
+        second: usize,
+    },
     /// The same GUID twice.
     #[error("entries {first} and {second} both carry GUID {guid}")]
     Duplicate {
+        /// The index of the first entry.
         first: usize,
+        /// The index of the second entry.
         second: usize,
+        /// The GUID they share.
         guid: Guid,
     },
     /// Both a VCEK and a VLEK: a verifier expects exactly one of them.
@@ -195,13 +217,20 @@ pub enum TableError {
     VcekAndVlek,
     /// Bytes after the last certificate: a blob rewritten in place without truncation, or junk.
     #[error("{extra} bytes follow the last certificate (a torn or untruncated rewrite?)")]
-    TrailingBytes { extra: usize },
+    TrailingBytes {
+        /// How many bytes.
+        extra: usize,
+    },
     /// A certificate entry whose bytes are not one DER SEQUENCE of exactly the entry's length.
     #[error("entry {index} ({kind}) is not a DER object of exactly {length} bytes: {why}")]
     NotDer {
+        /// The entry's index in the list.
         index: usize,
+        /// The kind of certificate its GUID names.
         kind: &'static str,
+        /// The entry's data length.
         length: u32,
+        /// What is wrong with the DER encoding.
         why: &'static str,
     },
     /// A certificate to build from is too large for a u32 length.

@@ -23,7 +23,12 @@ pub enum TransportError {
     Idle,
     /// The peer closed the connection in the middle of a message.
     #[error("peer closed the connection after {got} of {want} bytes")]
-    Truncated { got: usize, want: usize },
+    Truncated {
+        /// Bytes of the message received.
+        got: usize,
+        /// Bytes the message has (header and payload).
+        want: usize,
+    },
     /// More file descriptors than any message may carry; all of them were closed.
     #[error("more than {MAX_FDS} file descriptors sent with one message")]
     TooManyFds,

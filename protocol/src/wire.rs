@@ -8,6 +8,7 @@
 use thiserror::Error;
 
 use crate::exit::MAX_RECORD_SIZE;
+use crate::le::{le_u32, le_u64};
 
 /// Bytes in a message header.
 pub const HEADER_SIZE: usize = 12;
@@ -50,17 +51,29 @@ pub const COCO_REQUEST_BASE: u32 = 0x4343_0000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Request {
+    /// VHOST_USER_GET_FEATURES.
     GetFeatures = 1,
+    /// VHOST_USER_SET_FEATURES.
     SetFeatures = 2,
+    /// VHOST_USER_SET_OWNER.
     SetOwner = 3,
+    /// VHOST_USER_SET_MEM_TABLE.
     SetMemTable = 5,
+    /// VHOST_USER_GET_PROTOCOL_FEATURES.
     GetProtocolFeatures = 15,
+    /// VHOST_USER_SET_PROTOCOL_FEATURES.
     SetProtocolFeatures = 16,
+    /// VHOST_USER_GET_MAX_MEM_SLOTS.
     GetMaxMemSlots = 36,
+    /// VHOST_USER_ADD_MEM_REG.
     AddMemReg = 37,
+    /// VHOST_USER_REM_MEM_REG.
     RemMemReg = 38,
+    /// COCO_GET_CAPS: the record ABIs and COCO sub-types the sidecar serves.
     CocoGetCaps = COCO_REQUEST_BASE + 1,
+    /// COCO_EXIT: one exit record to answer.
     CocoExit = COCO_REQUEST_BASE + 2,
+    /// COCO_DONE: a lease's request has reached firmware.
     CocoDone = COCO_REQUEST_BASE + 3,
 }
 
@@ -105,38 +118,66 @@ impl Request {
 /// closes the connection: after it, the byte stream cannot be trusted.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum WireError {
+    /// The header's version bits (the flags) are not 1.
     #[error("flags {0:#x}: version bits are not 1")]
     Version(u32),
+    /// The header sets flag bits the protocol does not define (the flags).
     #[error("flags {0:#x}: unknown bits set")]
     UnknownFlags(u32),
+    /// The header announces more payload than any message may have (the size).
     #[error("payload size {0} exceeds the limit of {MAX_PAYLOAD}")]
     PayloadTooLarge(u32),
+    /// A request code the protocol does not define.
     #[error("unknown request code {0:#x}")]
     UnknownRequest(u32),
+    /// A request with the REPLY flag.
     #[error("{request:?}: REPLY flag set on a request")]
-    ReplyFlag { request: Request },
+    ReplyFlag {
+        /// The request.
+        request: Request,
+    },
+    /// A payload whose size is not the request's.
     #[error("{request:?}: payload is {got} bytes, expected {want}")]
     PayloadSize {
+        /// The request.
         request: Request,
+        /// The payload's size.
         got: usize,
+        /// The size the request's payload has.
         want: usize,
     },
+    /// A message with more or fewer file descriptors than its request takes.
     #[error("{request:?}: carries {got} file descriptors, expected {want}")]
     FdCount {
+        /// The request.
         request: Request,
+        /// Descriptors received.
         got: usize,
+        /// Descriptors the request takes, in words ("1", "0 or 1", "one per region").
         want: &'static str,
     },
+    /// SET_MEM_TABLE with more regions than a table may hold (the count).
     #[error("SET_MEM_TABLE: {0} regions, at most {MAX_MEM_TABLE_REGIONS}")]
     TooManyRegions(u32),
+    /// COCO_EXIT with a record longer than any ABI's (the size).
     #[error("COCO_EXIT: record size {0} exceeds {MAX_RECORD_SIZE}")]
     RecordTooLarge(u32),
+    /// A reserved field that is not zero.
     #[error("{request:?}: reserved field is {value:#x}, must be 0")]
-    Reserved { request: Request, value: u64 },
+    Reserved {
+        /// The request.
+        request: Request,
+        /// The field's value.
+        value: u64,
+    },
+    /// A reply whose code or flags do not answer the request sent.
     #[error("reply to {request:?} does not match: got code {code:#x}, flags {flags:#x}")]
     ReplyMismatch {
+        /// The request sent.
         request: Request,
+        /// The reply's request code.
         code: u32,
+        /// The reply's flags.
         flags: u32,
     },
 }
@@ -359,20 +400,29 @@ impl ExitMsg {
 /// A request as the sidecar receives it, framing-checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontendRequest {
+    /// GET_FEATURES.
     GetFeatures,
+    /// SET_FEATURES with the feature bits.
     SetFeatures(u64),
+    /// SET_OWNER.
     SetOwner,
     /// Regions, one file descriptor each, in order.
     SetMemTable(Vec<RegionDesc>),
+    /// GET_PROTOCOL_FEATURES.
     GetProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES with the protocol feature bits.
     SetProtocolFeatures(u64),
+    /// GET_MAX_MEM_SLOTS.
     GetMaxMemSlots,
     /// Region, with one file descriptor.
     AddMemReg(RegionDesc),
     /// Region; zero or one file descriptor (a sent one is closed unused, as in vhost-user).
     RemMemReg(RegionDesc),
+    /// COCO_GET_CAPS.
     CocoGetCaps,
+    /// COCO_EXIT with its record.
     CocoExit(ExitMsg),
+    /// COCO_DONE with the lease id.
     CocoDone(u64),
 }
 
@@ -528,18 +578,6 @@ fn expect_size(request: Request, payload: &[u8], want: usize) -> Result<(), Wire
             want,
         })
     }
-}
-
-pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ fn a_closed_connection_frees_its_descriptors_and_thread_at_once() {
     eventually(
         "the first connections are gone",
         Duration::from_secs(5),
-        // At rest: the accept loop and the blob monitor (monitor.rs).
+        // At rest: the accept loop and the blob monitor (daemon/monitor.rs).
         || threads(pid) == 2,
     );
     let (fds0, threads0) = (fd_count(pid), threads(pid));

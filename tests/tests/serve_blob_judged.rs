@@ -119,7 +119,7 @@ fn monitor_lines(sidecar: &Sidecar, n: usize) -> Vec<String> {
         let lines: Vec<String> = sidecar
             .log()
             .lines()
-            .filter(|l| l.contains("coco_sidecar::monitor"))
+            .filter(|l| l.contains("coco_sidecar::daemon::monitor"))
             .map(str::to_owned)
             .collect();
         if lines.len() >= n || Instant::now() > deadline {

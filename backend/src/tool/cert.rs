@@ -33,10 +33,10 @@ pub const PSS_SALT_LEN: u8 = 48;
 pub enum CertError {
     /// The bytes are not a DER X.509 certificate.
     #[error("not a DER X.509 certificate: {0}")]
-    Decode(String),
+    Decode(DerError),
     /// The bytes are not a DER X.509 CRL.
     #[error("not a DER X.509 CRL: {0}")]
-    DecodeCrl(String),
+    DecodeCrl(DerError),
     /// The signature algorithm is not RSASSA-PSS.
     #[error("signed with {0}, not RSASSA-PSS as AMD signs")]
     NotPss(String),
@@ -54,6 +54,17 @@ pub enum CertError {
     /// The signature bytes do not verify.
     #[error("the signature does not verify with the key of {0}")]
     BadSignature(String),
+}
+
+/// Why bytes do not decode as the X.509 object they should be.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DerError {
+    /// The DER decoder's reason.
+    #[error(transparent)]
+    Der(#[from] x509_cert::der::Error),
+    /// No to-be-signed part where the signature covers one.
+    #[error("no signed part")]
+    NoSignedPart,
 }
 
 /// The kind and size of a public key.
@@ -276,7 +287,7 @@ pub struct Cert {
 impl Cert {
     /// Decodes one DER certificate; the bytes must be exactly one certificate.
     pub fn from_der(der: &[u8]) -> Result<Cert, CertError> {
-        let cert = Certificate::from_der(der).map_err(|e| CertError::Decode(e.to_string()))?;
+        let cert = Certificate::from_der(der).map_err(|e| CertError::Decode(e.into()))?;
         Ok(Cert {
             der: der.to_vec(),
             cert,
@@ -362,8 +373,7 @@ impl Cert {
 
     /// Verifies that `signer`'s key made this certificate's signature, with AMD's algorithm.
     pub fn verify_signed_by(&self, signer: &Cert) -> Result<(), CertError> {
-        let tbs =
-            signed_part(&self.der).ok_or_else(|| CertError::Decode("no signed part".into()))?;
+        let tbs = signed_part(&self.der).ok_or(CertError::Decode(DerError::NoSignedPart))?;
         verify_pss(
             &signer.cert.tbs_certificate.subject_public_key_info,
             &signer.subject_cn().unwrap_or_else(|| signer.subject()),
@@ -470,8 +480,7 @@ pub struct Crl {
 impl Crl {
     /// Decodes one DER CRL.
     pub fn from_der(der: &[u8]) -> Result<Crl, CertError> {
-        let list =
-            CertificateList::from_der(der).map_err(|e| CertError::DecodeCrl(e.to_string()))?;
+        let list = CertificateList::from_der(der).map_err(|e| CertError::DecodeCrl(e.into()))?;
         Ok(Crl {
             der: der.to_vec(),
             list,
@@ -531,8 +540,7 @@ impl Crl {
 
     /// Verifies that `signer`'s key made this CRL's signature, with AMD's algorithm.
     pub fn verify_signed_by(&self, signer: &Cert) -> Result<(), CertError> {
-        let tbs =
-            signed_part(&self.der).ok_or_else(|| CertError::DecodeCrl("no signed part".into()))?;
+        let tbs = signed_part(&self.der).ok_or(CertError::DecodeCrl(DerError::NoSignedPart))?;
         verify_pss(
             &signer.cert.tbs_certificate.subject_public_key_info,
             &signer.subject_cn().unwrap_or_else(|| signer.subject()),

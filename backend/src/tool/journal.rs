@@ -32,7 +32,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -41,8 +40,8 @@ use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 use thiserror::Error;
 
+use crate::blob::locks::{self, LockKind};
 use crate::blob::INSTALL_MARKER;
-use crate::ofd::{self, LockKind};
 
 /// First bytes of a journal.
 const MAGIC: &[u8; 16] = b"coco-install-v1\n";
@@ -153,7 +152,7 @@ pub fn staging_file(blob: &Path) -> io::Result<NamedTempFile> {
     // A cleaner that looks between the creation and this lock can remove the file; the
     // writer then fails cleanly when it renames it (journals are written under the blob's
     // exclusive lock, which every cleaner holds, so only a blob's creation can meet this).
-    if !ofd::try_lock(tmp.as_file(), LockKind::Exclusive)? {
+    if !locks::try_lock(tmp.as_file(), LockKind::Exclusive)? {
         return Err(io::Error::other(
             "a fresh temporary file is locked by another process",
         ));
@@ -296,26 +295,12 @@ pub fn write_journal(
 /// Makes sure `file` (now `len` bytes) can grow to `new_len` without running out of space.
 fn reserve(file: &File, len: u64, new_len: usize) -> io::Result<()> {
     let new_len = new_len as u64;
-    loop {
-        // SAFETY: fallocate(2) takes no pointers; the descriptor is valid while `file` is
-        // borrowed. KEEP_SIZE: the blocks are allocated, the file's size and bytes unchanged.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                new_len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) => break,
-            _ => return Err(e),
-        }
+    // KEEP_SIZE: the blocks are allocated, the file's size and bytes unchanged.
+    let keep_size = rustix::fs::FallocateFlags::KEEP_SIZE;
+    match rustix::io::retry_on_intr(|| rustix::fs::fallocate(file, keep_size, 0, new_len)) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
     }
     // No fallocate here: grow the file with zeros (the old bytes stay as they are), and shrink
     // it back if that fails.
@@ -421,7 +406,7 @@ fn remove_leftovers(blob: &Path) -> Result<usize, JournalError> {
             continue;
         };
         let unowned = f.metadata().is_ok_and(|m| m.is_file())
-            && ofd::try_lock(&f, LockKind::Exclusive).unwrap_or(false);
+            && locks::try_lock(&f, LockKind::Exclusive).unwrap_or(false);
         if unowned && std::fs::remove_file(&path).is_ok() {
             removed += 1;
         }
@@ -453,7 +438,7 @@ mod tests {
             .write(true)
             .open(&blob)
             .expect("open");
-        assert!(ofd::try_lock(&file, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&file, LockKind::Exclusive).expect("lock"));
         (dir, blob, file)
     }
 

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
@@ -96,22 +97,10 @@ pub struct LockOutcome {
 
 /// Waits until `pid` (our child) has ended, without reaping it, so its pid cannot be reused
 /// while the forwarding thread may still signal it.
-fn wait_unreaped(pid: u32) -> io::Result<()> {
-    let id = libc::id_t::try_from(pid).map_err(io::Error::other)?;
-    loop {
-        // SAFETY: siginfo_t is plain data for which all-zero bytes are a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid writes into `info`, which outlives the call; `id` is our own child,
-        // which WNOWAIT leaves unreaped.
-        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+fn wait_unreaped(pid: Pid) -> io::Result<()> {
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+    rustix::io::retry_on_intr(|| rustix::process::waitid(WaitId::Pid(pid), options))?;
+    Ok(())
 }
 
 /// Runs `program args` with the exclusive lock on `blob` held; see the module docs.
@@ -162,19 +151,16 @@ pub fn run_locked(
             });
         }
     };
-    let pid = child.id();
+    let pid = Pid::from_child(&child);
     let reaped = Arc::new(Mutex::new(false));
     let forwarder = {
         let reaped = Arc::clone(&reaped);
         thread::spawn(move || {
             for sig in signals.forever() {
                 let done = reaped.lock().map_or(true, |g| *g);
-                if !done {
-                    if let Ok(pid) = i32::try_from(pid) {
-                        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our
-                        // child, not yet reaped (checked under the mutex), so not reused.
-                        unsafe { libc::kill(pid, sig) };
-                    }
+                // Our child, not yet reaped (checked under the mutex), so its pid not reused.
+                if let Some(sig) = Signal::from_named_raw(sig).filter(|_| !done) {
+                    let _ = rustix::process::kill_process(pid, sig);
                 }
             }
         })

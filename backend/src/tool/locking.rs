@@ -1,7 +1,7 @@
 //! The updaters' side of the blob lock: open the blob and take the *exclusive* OFD lock within
 //! a bounded wait (the sidecar takes *shared* ones on its own open files, one per lease), make
 //! sure the locked file is still the one at the path, and say who holds the lock when the wait
-//! runs out. The wait is announced ([`ofd::announce_intent`]) so that sidecars stop granting
+//! runs out. The wait is announced ([`locks::announce_intent`]) so that sidecars stop granting
 //! new leases until it is over.
 //!
 //! A symbolic link at the path is refused, not followed: an updater that wrote through it
@@ -10,14 +10,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::ofd::{self, LockKind};
+use crate::blob::locks::{self, LockKind};
 
 /// Environment variable `blob lock` sets for its command: the blob it holds locked. A
 /// `blob install` of the same blob inside it would wait for its own parent, so it fails at once.
@@ -106,23 +105,13 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// Asks the kernel which lock would block an exclusive one on `file` (F_OFD_GETLK).
+/// Asks the kernel which lock would block an exclusive one on `file`.
 pub fn holder(file: &File) -> Holder {
-    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_GETLK reads and writes the flock struct we pass by pointer, which outlives
-    // the call; the fd is valid while `file` is borrowed.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 {
-        return Holder::Unknown;
-    }
-    match libc::c_int::from(fl.l_type) {
-        libc::F_RDLCK => Holder::Shared,
-        libc::F_WRLCK => Holder::Exclusive,
-        libc::F_UNLCK => Holder::Gone,
-        _ => Holder::Unknown,
+    match locks::exclusive_blocked_by(file) {
+        Ok(Some(LockKind::Shared)) => Holder::Shared,
+        Ok(Some(LockKind::Exclusive)) => Holder::Exclusive,
+        Ok(None) => Holder::Gone,
+        Err(_) => Holder::Unknown,
     }
 }
 
@@ -198,7 +187,7 @@ pub fn lock_exclusive(path: &Path, wait: Duration) -> Result<File, LockingError>
     for _ in 0..REPLACED_RETRIES {
         let file = open_for_update(path)?;
         let left = wait.saturating_sub(start.elapsed());
-        if !ofd::lock_within(&file, LockKind::Exclusive, left).map_err(io("lock"))? {
+        if !locks::lock_within(&file, LockKind::Exclusive, left).map_err(io("lock"))? {
             return Err(LockingError::Timeout {
                 path: path.to_owned(),
                 waited_ms: start.elapsed().as_millis(),

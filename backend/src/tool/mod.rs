@@ -3,7 +3,7 @@
 //! checks it (`check`), replaces it under the exclusive OFD lock (`install`), and runs firmware
 //! updates under that lock (`lock`). See docs/operations.md for the workflow.
 //!
-//! `main.rs` turns arguments into a [`Command`]; [`run`] does the work, prints, and returns
+//! [`crate::args`] turns arguments into a [`Command`]; [`run`] does the work, prints, and returns
 //! the exit status (see [`exit`]).
 
 pub mod cert;

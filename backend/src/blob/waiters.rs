@@ -10,7 +10,7 @@
 //!   the lock it waits behind, naming the same file;
 //! - an updater that polls with a bounded wait (`coco-sidecar blob install` and `blob lock`):
 //!   it holds an exclusive lock on the single byte [`INTENT_OFFSET`] while it waits, which no
-//!   shared lock covers ([`crate::ofd`]).
+//!   shared lock covers ([`super::locks`]).
 //!
 //! Lines name the file as `MAJOR:MINOR:INODE` (major and minor in hex, of the filesystem's
 //! device); the store learns its file's name from `/proc/self/fdinfo` while it holds a lock
@@ -22,7 +22,7 @@ use std::io::{self, BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
-use crate::ofd::INTENT_OFFSET;
+use super::locks::INTENT_OFFSET;
 
 /// Where the kernel lists every file lock and every waiting lock request.
 pub const PROC_LOCKS: &str = "/proc/locks";
@@ -88,7 +88,7 @@ pub fn updater_waiting(id: &str) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ofd::{self, LockKind};
+    use crate::blob::locks::{self, LockKind};
 
     const ID: &str = "fe:00:10010916";
 
@@ -142,7 +142,7 @@ mod tests {
         let p = std::env::temp_dir().join(format!("waiters-{}", std::process::id()));
         std::fs::write(&p, b"x").expect("write");
         let reader = File::open(&p).expect("open");
-        assert!(ofd::try_lock(&reader, LockKind::Shared).expect("lock"));
+        assert!(locks::try_lock(&reader, LockKind::Shared).expect("lock"));
         let ino = reader.metadata().expect("stat").ino();
         let id = held_lock_id(&reader, ino).expect("fdinfo lists the held lock");
         let meta = std::fs::metadata(&p).expect("stat");
@@ -154,7 +154,7 @@ mod tests {
             .write(true)
             .open(&p)
             .expect("open");
-        assert!(ofd::announce_intent(&updater).expect("announce"));
+        assert!(locks::announce_intent(&updater).expect("announce"));
         assert!(updater_waiting(&id).expect("read /proc/locks"));
         drop(updater);
         assert!(!updater_waiting(&id).expect("read /proc/locks"));

@@ -72,7 +72,7 @@ const UNCONDITIONAL: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_pread64,
     libc::SYS_write,
-    // Writing the table into a tmpfs region's file (memory.rs).
+    // Writing the table into a tmpfs region's file (serve/memory.rs).
     libc::SYS_pwrite64,
     libc::SYS_writev,
     libc::SYS_lseek,
@@ -183,11 +183,10 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     // Thread names (std names each connection thread).
     rules.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
     // abort() signals only its own process.
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u64;
+    let pid = u64::from(std::process::id());
     rules.insert(libc::SYS_tgkill, one_of(0, &[pid])?);
     // Filling a hugetlbfs region's pages through a mapping with a copy the kernel makes, which
-    // fails with EFAULT where a store would be SIGBUS (memory.rs): only within this process.
+    // fails with EFAULT where a store would be SIGBUS (serve/memory.rs): only within this process.
     rules.insert(libc::SYS_process_vm_readv, one_of(0, &[pid])?);
     Ok(rules)
 }
@@ -223,12 +222,12 @@ pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
     match std::env::var(SELFTEST_ENV).as_deref() {
         Ok("1") => {
             log::warn!("{SELFTEST_ENV}=1: calling socket(AF_INET), which must kill the process");
-            // SAFETY: socket(2) takes no pointers; a descriptor it might return is closed.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            if fd >= 0 {
-                // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-                unsafe { libc::close(fd) };
-            }
+            let socket = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                None,
+            );
+            drop(socket);
             Err(SeccompError::SelfTestSurvived)
         }
         Ok(fault @ ("sigsegv" | "sigbus")) => {
@@ -444,14 +443,12 @@ mod tests {
     #[test]
     fn the_kernel_enforces_the_documented_rules() {
         let exe = std::env::current_exe().expect("test binary");
+        // The test's path within the crate, wherever the module lives.
+        let (_, module) = module_path!().split_once("::").expect("a crate path");
+        let child = format!("{module}::child_makes_one_call_under_the_filter");
         for (call, allowed) in CALLS {
             let status = std::process::Command::new(&exe)
-                .args([
-                    "seccomp::tests::child_makes_one_call_under_the_filter",
-                    "--exact",
-                    "--ignored",
-                    "--test-threads=1",
-                ])
+                .args([child.as_str(), "--exact", "--ignored", "--test-threads=1"])
                 .env(CALL_ENV, call)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

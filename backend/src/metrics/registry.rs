@@ -1,26 +1,15 @@
-//! Prometheus metrics: counters and histograms kept in atomics on the serving path, rendered in
-//! the Prometheus text exposition format (version 0.0.4) by a small HTTP endpoint
-//! (`--metrics ADDR`, off by default), which also answers `/healthz` and `/readyz`.
-//!
-//! `prometheus-client` provides the registry and the text encoding; the values come from
-//! fixed arrays of atomics, so that the request path costs relaxed atomic adds and nothing
-//! else (the crate's own histogram takes a lock per observation, its labelled families a map
-//! lookup per increment). The end-to-end test parses the output with an independent parser
-//! (`prometheus-parse`).
-//!
-//! docs/metrics.md lists every metric and what to alert on.
+//! The process's counters and gauges, kept in atomics on the serving path, and their
+//! rendering at a scrape: `prometheus-client` provides the registry and the text encoding
+//! (version 0.0.4); the values come from fixed arrays of atomics, so that the request path
+//! costs relaxed atomic adds and nothing else (the crate's labelled families take a map lookup
+//! per increment).
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use coco_protocol::exit::{self, Abi, CertsRet};
 use coco_protocol::wire::ExitMsg;
-use log::{debug, info, warn};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -28,93 +17,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use thiserror::Error;
 
 use crate::blob::BlobStore;
-use crate::config::MissingCerts;
-use crate::health;
-
-/// Why the metrics endpoint could not start.
-#[derive(Debug, Error)]
-pub enum MetricsError {
-    #[error("--metrics {addr}: cannot listen: {source}")]
-    Bind { addr: String, source: io::Error },
-    #[error("cannot start the metrics thread: {0}")]
-    Spawn(io::Error),
-}
-
-/// Upper bounds (inclusive, in nanoseconds) of the latency histograms' buckets: 25 us to 1 s.
-/// A served request costs tens of microseconds; a lock wait is bounded by `--lock-wait-ms`
-/// (default 100 ms).
-const BOUNDS_NS: [u64; 14] = [
-    25_000,
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    1_000_000_000,
-];
-
-/// A latency histogram: one atomic per bucket (not cumulative; summed when rendered).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BOUNDS_NS.len() + 1],
-    sum_ns: AtomicU64,
-}
-
-/// A consistent-enough copy of a [`Histogram`]: cumulative counts per bound, then `+Inf`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistogramSnapshot {
-    /// `(upper bound in ns, observations <= bound)`, ascending; the last bound is `u64::MAX`
-    /// for `+Inf`.
-    pub cumulative: Vec<(u64, u64)>,
-    /// Sum of all observations, in nanoseconds.
-    pub sum_ns: u64,
-}
-
-impl HistogramSnapshot {
-    /// All observations (the `+Inf` bucket).
-    pub fn count(&self) -> u64 {
-        self.cumulative.last().map_or(0, |(_, n)| *n)
-    }
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let at = BOUNDS_NS.partition_point(|b| *b < ns);
-        self.buckets[at].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    /// Reads the buckets.
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut total = 0;
-        let cumulative = BOUNDS_NS
-            .iter()
-            .copied()
-            .chain([u64::MAX])
-            .zip(&self.buckets)
-            .map(|(bound, n)| {
-                total += n.load(Ordering::Relaxed);
-                (bound, total)
-            })
-            .collect();
-        HistogramSnapshot {
-            cumulative,
-            sum_ns: self.sum_ns.load(Ordering::Relaxed),
-        }
-    }
-}
+use crate::histogram::Histogram;
 
 const RETS: [CertsRet; 4] = [
     CertsRet::Ok,
@@ -258,7 +163,7 @@ impl Metrics {
         self.serving.load(Ordering::Relaxed)
     }
 
-    /// The blob was judged ([`crate::monitor`]): `valid` when servable and `blob check` finds
+    /// The blob was judged ([`crate::daemon::monitor`]): `valid` when servable and `blob check` finds
     /// no error, with its VCEK's or VLEK's `notAfter` (Unix seconds) when it has one.
     pub fn set_blob_judged(&self, valid: bool, vek_not_after: Option<u64>) {
         self.blob_valid.store(valid, Ordering::Relaxed);
@@ -477,224 +382,9 @@ impl Collector for Exposition {
     }
 }
 
-/// Longest request head the endpoint reads; scrapers send a few hundred bytes.
-const MAX_REQUEST_HEAD: usize = 8192;
-/// A scraper gets this long to send its request, and again to read the answer.
-const SCRAPE_IO_TIMEOUT: Duration = Duration::from_secs(1);
-/// Scrapes served at once, each on a thread of its own. With all of them busy (peers that
-/// connect and send nothing), the next waits in the listen queue for the first to time out.
-const MAX_SCRAPES: usize = 16;
-
-/// What `/readyz` checks: the blob, as `serve` would serve it (health::blob_ready).
-#[derive(Debug, Clone)]
-pub struct Readiness {
-    /// The blob's path.
-    pub certs: PathBuf,
-    /// The sidecar's `--lock-wait-ms`.
-    pub lock_wait: Duration,
-    /// The sidecar's `--missing-certs`.
-    pub missing: MissingCerts,
-}
-
-/// The `/metrics` endpoint: bound by [`Exporter::bind`], serving after [`Exporter::serve`].
-///
-/// Hand-written rather than a crate's: `tiny_http` (0.12) sets no read timeout and starts a
-/// thread per connection without a bound, so silent peers would hold threads for ever, and
-/// `hyper` needs an async runtime whose epoll and eventfd calls the seccomp filter would have
-/// to allow. A GET of one path needs a request line, a timeout and a bound on threads.
-#[derive(Debug)]
-pub struct Exporter {
-    listener: TcpListener,
-    addr: SocketAddr,
-}
-
-impl Exporter {
-    /// Listens on `addr` (host:port; port 0 picks a free one). Do this before anything else
-    /// is created, so that a bad address stops start-up cleanly, and before the seccomp
-    /// filter, which forbids creating sockets.
-    pub fn bind(addr: &str) -> Result<Exporter, MetricsError> {
-        let bind_err = |source| MetricsError::Bind {
-            addr: addr.to_owned(),
-            source,
-        };
-        let listener = TcpListener::bind(addr).map_err(bind_err)?;
-        let addr = listener.local_addr().map_err(bind_err)?;
-        Ok(Exporter { listener, addr })
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Serves `GET /metrics`, `/healthz` and `/readyz` for as long as the process runs: each
-    /// scrape on a thread of its own, at most [`MAX_SCRAPES`] at once, each bounded by
-    /// [`SCRAPE_IO_TIMEOUT`] for its request and again for its answer.
-    pub fn serve(
-        self,
-        metrics: Arc<Metrics>,
-        store: Arc<BlobStore>,
-        readiness: Readiness,
-    ) -> Result<(), MetricsError> {
-        let Exporter { listener, addr } = self;
-        let busy = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let readiness = Arc::new(readiness);
-        thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let s = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!("metrics: accept failed: {e}");
-                            thread::sleep(Duration::from_millis(100));
-                            continue;
-                        }
-                    };
-                    {
-                        let (count, freed) = &*busy;
-                        let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
-                        while *n >= MAX_SCRAPES {
-                            n = freed.wait(n).unwrap_or_else(PoisonError::into_inner);
-                        }
-                        *n += 1;
-                    }
-                    let (metrics, store, readiness, done) = (
-                        Arc::clone(&metrics),
-                        Arc::clone(&store),
-                        Arc::clone(&readiness),
-                        Arc::clone(&busy),
-                    );
-                    let spawned = thread::Builder::new().name("scrape".into()).spawn(move || {
-                        if let Err(e) = scrape(s, &metrics, &store, &readiness) {
-                            debug!("metrics: scrape failed: {e}");
-                        }
-                        let (count, freed) = &*done;
-                        *count.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
-                        freed.notify_one();
-                    });
-                    if let Err(e) = spawned {
-                        warn!("metrics: cannot start a scrape thread: {e}");
-                        *busy.0.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
-                    }
-                }
-            })
-            .map_err(MetricsError::Spawn)?;
-        info!("metrics on http://{addr}/metrics");
-        Ok(())
-    }
-}
-
-/// Header fields a request may have; scrapers send a handful.
-const MAX_HEADERS: usize = 32;
-
-/// Reads the request head (bounded in size and time), parses it with `httparse` and answers.
-fn scrape(
-    mut s: TcpStream,
-    metrics: &Arc<Metrics>,
-    store: &Arc<BlobStore>,
-    readiness: &Readiness,
-) -> io::Result<()> {
-    s.set_write_timeout(Some(SCRAPE_IO_TIMEOUT))?;
-    let deadline = Instant::now() + SCRAPE_IO_TIMEOUT;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let (method, path) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {
-                let method = request.method.unwrap_or_default().to_owned();
-                let target = request.path.unwrap_or_default();
-                let path = target.split('?').next().unwrap_or_default().to_owned();
-                break (method, path);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(_) => return respond(&mut s, "400 Bad Request", "", false),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if head.len() > MAX_REQUEST_HEAD || left.is_zero() {
-            return respond(&mut s, "431 Request Header Fields Too Large", "", false);
-        }
-        // A peer sending a byte now and then gets the time that is left, not a fresh timeout.
-        s.set_read_timeout(Some(left))?;
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    };
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return respond(&mut s, "405 Method Not Allowed", "", false);
-    }
-    match path.as_str() {
-        "/metrics" => respond(&mut s, "200 OK", &metrics.render(store), head_only),
-        "/healthz" if metrics.serving() => respond(&mut s, "200 OK", "serving\n", head_only),
-        "/healthz" => respond(
-            &mut s,
-            "503 Service Unavailable",
-            "not serving\n",
-            head_only,
-        ),
-        "/readyz" => {
-            match health::blob_ready(&readiness.certs, readiness.lock_wait, readiness.missing) {
-                Ok(state) => respond(&mut s, "200 OK", &format!("ready: {state}\n"), head_only),
-                Err(e) => respond(
-                    &mut s,
-                    "503 Service Unavailable",
-                    &format!("not ready: {e}\n"),
-                    head_only,
-                ),
-            }
-        }
-        _ => respond(
-            &mut s,
-            "404 Not Found",
-            "try /metrics, /healthz or /readyz\n",
-            false,
-        ),
-    }
-}
-
-fn respond(s: &mut TcpStream, status: &str, body: &str, head_only: bool) -> io::Result<()> {
-    let mut reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        prometheus_text::CONTENT_TYPE,
-        body.len()
-    );
-    if !head_only {
-        reply.push_str(body);
-    }
-    s.set_read_timeout(Some(SCRAPE_IO_TIMEOUT))?;
-    s.write_all(reply.as_bytes())?;
-    s.flush()?;
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    // Let the scraper read the answer before the close (a close with unread input resets).
-    let _ = s.read(&mut [0u8; 256]);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_inclusive_and_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(25)); // exactly on the first bound
-        h.observe(Duration::from_nanos(25_001)); // just above it
-        h.observe(Duration::from_secs(5)); // past the last bound
-        let s = h.snapshot();
-        assert_eq!(s.cumulative[0], (25_000, 1));
-        assert_eq!(s.cumulative[1], (50_000, 2));
-        assert_eq!(s.cumulative[BOUNDS_NS.len() - 1], (1_000_000_000, 2));
-        assert_eq!(s.cumulative[BOUNDS_NS.len()], (u64::MAX, 3));
-        assert_eq!(s.count(), 3);
-        assert_eq!(s.sum_ns, 25_000 + 25_001 + 5_000_000_000);
-    }
 
     #[test]
     fn exits_are_counted_by_abi_and_ret() {

@@ -9,10 +9,10 @@ use coco_protocol::table::{pages_for, EMPTY_TABLE};
 use coco_protocol::wire::ExitMsg;
 use log::{debug, warn};
 
+use super::eagain::EagainBound;
+use super::lease::Leases;
+use super::memory::GuestRam;
 use crate::blob::{self, BlobStore, Fetch};
-use crate::eagain::EagainBound;
-use crate::lease::Leases;
-use crate::memory::GuestRam;
 
 /// Answers `msg`: the reply's record carries ret (and npages for ENOSPC); `status` is non-zero
 /// when the record was not a certificate request this sidecar serves. `eagain` is the
@@ -129,4 +129,64 @@ fn serve(
     }
     let lease = lock.map_or(0, |file| leases.grant(vcpu, file, Instant::now()));
     (CertsRet::Ok, None, lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use coco_protocol::exit::{build_request, read_answer};
+
+    use super::*;
+    use crate::MissingCerts;
+
+    /// A request for a blob that does not exist, under each `--missing-certs`.
+    fn missing(policy: MissingCerts, ram: &GuestRam) -> (u64, u64, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::new(dir.path().join("absent"), Duration::ZERO, policy);
+        let mut leases = Leases::new(4, Duration::from_secs(5));
+        let mut eagain = EagainBound::new(1, Duration::from_secs(30));
+        let msg = ExitMsg {
+            abi: Abi::SnpReqCerts.tag(),
+            vcpu: 3,
+            status: 0,
+            lease: 0,
+            record: build_request(Abi::SnpReqCerts, 0, 1),
+        };
+        let reply = answer(msg, &store, ram, &mut leases, &mut eagain);
+        assert_eq!((reply.abi, reply.vcpu, reply.status), (2, 3, 0));
+        let (ret, npages) = read_answer(Abi::SnpReqCerts, &reply.record).expect("answer");
+        (ret, npages, reply.lease)
+    }
+
+    #[test]
+    fn a_missing_blob_is_answered_per_policy() {
+        let memfd = memfd::MemfdOptions::default()
+            .create("guest")
+            .expect("memfd")
+            .into_file();
+        memfd.set_len(PAGE_SIZE).expect("size");
+        let mut ram = GuestRam::new();
+        let desc = coco_protocol::wire::RegionDesc {
+            guest_phys_addr: 0,
+            memory_size: PAGE_SIZE,
+            userspace_addr: 0,
+            mmap_offset: 0,
+        };
+        // Poisoned, to see the empty table land.
+        std::os::unix::fs::FileExt::write_all_at(&memfd, &[0xa5; 64], 0).expect("poison");
+        ram.add(&desc, memfd.try_clone().expect("dup").into())
+            .expect("region");
+        assert_eq!(
+            missing(MissingCerts::Again, &ram),
+            (CertsRet::Again as u64, 1, 0)
+        );
+        assert_eq!(missing(MissingCerts::Io, &ram), (CertsRet::Io as u64, 1, 0));
+        // The empty table, and no lease: there is no file to lock.
+        assert_eq!(missing(MissingCerts::Empty, &ram), (0, 1, 0));
+        let mut head = [0; 64];
+        std::os::unix::fs::FileExt::read_exact_at(&memfd, &mut head, 0).expect("read");
+        assert_eq!(head[..EMPTY_TABLE.len()], EMPTY_TABLE);
+        assert!(head[EMPTY_TABLE.len()..].iter().all(|b| *b == 0xa5));
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! OFD locks belong to the open file, not the process, so each lease can own one, and they
 //! conflict with the updaters' OFD locks from other processes. flock(2) locks would not: the
-//! kernel keeps the two kinds apart. std has no OFD lock API, so this wraps fcntl directly.
+//! kernel keeps the two kinds apart. std has no OFD lock API; [`crate::sys`] makes the calls.
 //!
 //! Linux never makes a shared lock wait for an exclusive one that is queued, so requests that
 //! keep a shared lock held at every instant would starve an updater. An updater therefore
@@ -11,9 +11,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::sys;
 
 /// Which lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,46 +28,19 @@ pub enum LockKind {
 /// The byte on which an updater waiting for the exclusive lock holds an exclusive lock while it
 /// waits, and the end of the range shared locks cover: every byte a blob can have (at most
 /// 1 MiB) and far more, but not this one, so that the announcement conflicts with no shared
-/// lock. The sidecars find it in /proc/locks ([`crate::waiters`]). Being an exclusive lock, it
+/// lock. The sidecars find it in /proc/locks ([`super::waiters`]). Being an exclusive lock, it
 /// needs the file open for writing, as the exclusive lock itself does: a local user who can
 /// only read the blob cannot make the sidecars yield. Taking the exclusive lock on the whole
 /// file later makes it part of that lock, and closing the file drops it.
 pub const INTENT_OFFSET: i64 = 1 << 62;
 
-fn setlk(file: &File, l_type: libc::c_int) -> io::Result<bool> {
-    // l_len 0: the whole file, however it grows.
-    setlk_range(file, l_type, 0, 0)
-}
-
-fn setlk_range(file: &File, l_type: libc::c_int, start: i64, len: i64) -> io::Result<bool> {
-    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = l_type as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start;
-    fl.l_len = len;
-    loop {
-        // SAFETY: F_OFD_SETLK reads the flock struct we pass by pointer, which outlives the
-        // call; the fd is valid for as long as `file` is borrowed.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(err),
-        }
-    }
-}
-
 /// Tries once to take the lock: a shared one on bytes 0 to [`INTENT_OFFSET`], an exclusive
-/// one on the whole file. `Ok(false)` means another open file holds a conflicting one.
+/// one on the whole file (`len` 0: however it grows). `Ok(false)` means another open file holds
+/// a conflicting one.
 pub fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
     match kind {
-        LockKind::Shared => setlk_range(file, libc::F_RDLCK, 0, INTENT_OFFSET),
-        LockKind::Exclusive => setlk(file, libc::F_WRLCK),
+        LockKind::Shared => sys::ofd_setlk(file, libc::F_RDLCK, 0, INTENT_OFFSET),
+        LockKind::Exclusive => sys::ofd_setlk(file, libc::F_WRLCK, 0, 0),
     }
 }
 
@@ -74,15 +48,13 @@ pub fn try_lock(file: &File, kind: LockKind) -> io::Result<bool> {
 /// exclusive lock on the byte [`INTENT_OFFSET`]. `Ok(false)`: another updater announced its
 /// wait first, or holds the whole file.
 pub fn announce_intent(file: &File) -> io::Result<bool> {
-    setlk_range(file, libc::F_WRLCK, INTENT_OFFSET, 1)
+    sys::ofd_setlk(file, libc::F_WRLCK, INTENT_OFFSET, 1)
 }
 
-/// Takes the lock, waiting at most `wait`. Retries with short sleeps (from 200 us up to 5 ms)
-/// rather than F_OFD_SETLKW, which cannot be given a deadline without signals. A wait for the
-/// exclusive lock is announced ([`announce_intent`]) for as long as it lasts.
+/// Takes the lock, waiting at most `wait` ([`Backoff`]). A wait for the exclusive lock is
+/// announced ([`announce_intent`]) for as long as it lasts.
 pub fn lock_within(file: &File, kind: LockKind, wait: Duration) -> io::Result<bool> {
-    let deadline = Instant::now() + wait;
-    let mut nap = Duration::from_micros(200);
+    let mut backoff = Backoff::new(wait);
     let mut announced = kind == LockKind::Shared;
     loop {
         if try_lock(file, kind)? {
@@ -91,21 +63,68 @@ pub fn lock_within(file: &File, kind: LockKind, wait: Duration) -> io::Result<bo
         if !announced {
             announced = announce_intent(file)?;
         }
-        let now = Instant::now();
-        if now >= deadline {
+        if !backoff.pause() {
             if kind == LockKind::Exclusive {
-                setlk_range(file, libc::F_UNLCK, INTENT_OFFSET, 1)?;
+                sys::ofd_setlk(file, libc::F_UNLCK, INTENT_OFFSET, 1)?;
             }
             return Ok(false);
         }
-        thread::sleep(nap.min(deadline - now));
-        nap = (nap * 2).min(Duration::from_millis(5));
     }
 }
 
 /// Drops this open file's lock (closing the file does the same).
 pub fn unlock(file: &File) -> io::Result<()> {
-    setlk(file, libc::F_UNLCK).map(|_| ())
+    sys::ofd_setlk(file, libc::F_UNLCK, 0, 0).map(|_| ())
+}
+
+/// The kind of lock another open file holds that keeps this one from taking the exclusive
+/// lock on the whole file now (`F_OFD_GETLK`); `None` when nothing does.
+pub fn exclusive_blocked_by(file: &File) -> io::Result<Option<LockKind>> {
+    Ok(match sys::ofd_getlk(file, libc::F_WRLCK, 0, 0)? {
+        libc::F_RDLCK => Some(LockKind::Shared),
+        libc::F_WRLCK => Some(LockKind::Exclusive),
+        _ => None,
+    })
+}
+
+/// The pace of retries for a lock another process holds, which the sidecar and the updaters
+/// wait for alike: sleeps of 200 us, doubling up to 5 ms, never past the deadline, never
+/// spinning. Polling, because F_OFD_SETLKW cannot be given a deadline without signals.
+#[derive(Debug)]
+pub struct Backoff {
+    wait: Duration,
+    /// Set at the first pause, so that a lock taken at the first try costs no clock read.
+    deadline: Option<Instant>,
+    nap: Duration,
+}
+
+/// The first sleep.
+const FIRST_NAP: Duration = Duration::from_micros(200);
+/// The longest sleep.
+const MAX_NAP: Duration = Duration::from_millis(5);
+
+impl Backoff {
+    /// Retries for at most `wait` after the first failed try.
+    pub fn new(wait: Duration) -> Backoff {
+        Backoff {
+            wait,
+            deadline: None,
+            nap: FIRST_NAP,
+        }
+    }
+
+    /// After a failed try: sleeps before the next one and returns true, or returns false at
+    /// once when the wait is over.
+    pub fn pause(&mut self) -> bool {
+        let now = Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.wait);
+        if now >= deadline {
+            return false;
+        }
+        thread::sleep(self.nap.min(deadline - now));
+        self.nap = (self.nap * 2).min(MAX_NAP);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +145,10 @@ mod tests {
         assert!(try_lock(&a, LockKind::Shared).expect("lock"));
         assert!(try_lock(&b, LockKind::Shared).expect("lock"));
         assert!(!try_lock(&w, LockKind::Exclusive).expect("lock"));
+        assert_eq!(
+            exclusive_blocked_by(&w).expect("getlk"),
+            Some(LockKind::Shared)
+        );
         drop(a);
         unlock(&b).expect("unlock");
         assert!(lock_within(&w, LockKind::Exclusive, Duration::from_millis(50)).expect("lock"));
@@ -136,6 +159,27 @@ mod tests {
             t.elapsed() >= Duration::from_millis(30),
             "waited the full bound"
         );
+        assert_eq!(
+            exclusive_blocked_by(&c).expect("getlk"),
+            Some(LockKind::Exclusive)
+        );
+        drop(w);
+        assert_eq!(exclusive_blocked_by(&c).expect("getlk"), None);
         std::fs::remove_file(&dir).expect("rm");
+    }
+
+    #[test]
+    fn backoff_sleeps_doubling_naps_until_the_wait_is_over() {
+        assert!(!Backoff::new(Duration::ZERO).pause(), "no wait: no sleep");
+        let mut b = Backoff::new(Duration::from_millis(30));
+        let t = Instant::now();
+        let mut pauses = 0;
+        while b.pause() {
+            pauses += 1;
+        }
+        assert!(t.elapsed() >= Duration::from_millis(30), "the whole wait");
+        // Sleeps never end early: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 ms, then 5 ms each, fill 30 ms
+        // in at most 11 pauses (fewer on a loaded machine), never in a busy loop.
+        assert!((1..=11).contains(&pauses), "{pauses} pauses");
     }
 }

@@ -13,13 +13,13 @@
 //! can keep a VMM or a probe out.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use coco_protocol::wire::HEADER_SIZE;
 use log::{debug, info};
+use rustix::net::RecvFlags;
 
 use crate::listen::Peer;
 
@@ -46,16 +46,8 @@ impl Progress {
     /// ones is not the first to give way because its thread was slow to start.
     pub fn waiting(stream: &UnixStream) -> Progress {
         let mut header = [0u8; HEADER_SIZE];
-        // SAFETY: `header` is valid for writes of its length for the call; the stream is open.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                header.as_mut_ptr().cast(),
-                header.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n == HEADER_SIZE as isize {
+        let peeked = rustix::net::recv(stream, &mut header, RecvFlags::PEEK | RecvFlags::DONTWAIT);
+        if peeked.is_ok_and(|(n, _)| n == HEADER_SIZE) {
             Progress::Talking
         } else {
             Progress::Silent

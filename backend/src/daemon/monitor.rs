@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use coco_protocol::table::TableError;
 use log::{error, info, warn, Level};
 use thiserror::Error;
 
@@ -43,10 +44,12 @@ pub enum StartError {
     Path(#[from] ArgPathError),
     /// A file that is not a certificate table.
     #[error(
-        "--certs {path}: not a certificate blob: {why}: refusing to start (`coco-sidecar blob \
-         check {path}` says more; build a blob with `coco-sidecar blob import DIR {path}`)"
+        "--certs {path}: not a certificate blob: {error}: {hint}: refusing to start \
+         (`coco-sidecar blob check {path}` says more; build a blob with `coco-sidecar blob \
+         import DIR {path}`)",
+        hint = check::structure_hint(.error)
     )]
-    NotABlob { path: String, why: String },
+    NotABlob { path: String, error: TableError },
 }
 
 /// One judgement of the blob.
@@ -280,7 +283,7 @@ pub fn start(config: &Config) -> Result<Monitor, StartError> {
         Fetch::Again(BlobError::Invalid { error, .. }) => {
             return Err(StartError::NotABlob {
                 path: path.display().to_string(),
-                why: format!("{error}: {}", check::structure_hint(&error)),
+                error,
             })
         }
         Fetch::Again(BlobError::Locked { .. } | BlobError::UpdaterWaiting { .. }) => info!(

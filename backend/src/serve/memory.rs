@@ -19,11 +19,21 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use coco_protocol::wire::{RegionDesc, MAX_MEM_SLOTS};
+use rustix::fs::{OFlags, SealFlags};
 use thiserror::Error;
+
+use crate::sys;
+
+// `statfs` magic numbers of the filesystems guest RAM may live on (`__fsword_t` is not i64
+// on every architecture).
+#[allow(clippy::unnecessary_cast)]
+const TMPFS_MAGIC: i64 = libc::TMPFS_MAGIC as i64;
+#[allow(clippy::unnecessary_cast)]
+const HUGETLBFS_MAGIC: i64 = libc::HUGETLBFS_MAGIC as i64;
 
 const PAGE: u64 = 4096;
 
@@ -56,6 +66,11 @@ pub enum MemoryError {
     OutsideRam { gpa: u64, len: u64 },
     #[error("writing guest RAM at {gpa:#x} failed: {source}")]
     Write { gpa: u64, source: io::Error },
+    #[error(
+        "writing guest RAM at {gpa:#x} failed: {copied} of {len} bytes copied (a page of the \
+         file is missing)"
+    )]
+    ShortCopy { gpa: u64, copied: usize, len: usize },
 }
 
 impl MemoryError {
@@ -75,7 +90,10 @@ impl MemoryError {
     /// bytes now (no space on the tmpfs, no free huge page, a write seal added since). Such a
     /// request is answered EAGAIN, never EIO, which would cost a Linux guest its VMPCK.
     pub fn retryable(&self) -> bool {
-        matches!(self, MemoryError::Write { .. })
+        matches!(
+            self,
+            MemoryError::Write { .. } | MemoryError::ShortCopy { .. }
+        )
     }
 }
 
@@ -108,25 +126,11 @@ pub struct GuestRam {
     regions: Vec<Region>,
 }
 
-fn fcntl_get(file: &File, cmd: libc::c_int) -> io::Result<libc::c_int> {
-    // SAFETY: F_GETFL and F_GET_SEALS take no argument and only read the descriptor's state.
-    let v = unsafe { libc::fcntl(file.as_raw_fd(), cmd) };
-    if v < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
-}
-
 /// The filesystem type and block size of the file (for hugetlbfs: its huge page size).
-fn filesystem(file: &File) -> io::Result<(libc::__fsword_t, u64)> {
-    // SAFETY: statfs is a plain C struct; all-zero bytes are a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is valid for writes for the call; the file keeps the descriptor open.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)] // the field's type differs between architectures
-    Ok((st.f_type, st.f_bsize as u64))
+fn filesystem(file: &File) -> io::Result<(i64, u64)> {
+    let st = rustix::fs::fstatfs(file)?;
+    #[allow(clippy::unnecessary_cast)] // the fields' types differ between architectures
+    Ok((st.f_type as i64, st.f_bsize as u64))
 }
 
 impl GuestRam {
@@ -180,12 +184,13 @@ impl GuestRam {
         if !meta.file_type().is_file() {
             return Err(MemoryError::NotUsable(*desc, "not a regular file"));
         }
-        if fcntl_get(&file, libc::F_GETFL).map_err(fd_err)? & libc::O_ACCMODE != libc::O_RDWR {
+        let access = rustix::fs::fcntl_getfl(&file).map_err(|e| fd_err(e.into()))?;
+        if access & OFlags::RWMODE != OFlags::RDWR {
             return Err(MemoryError::NotUsable(*desc, "not open read-write"));
         }
         let backing = match filesystem(&file).map_err(fd_err)? {
-            (libc::TMPFS_MAGIC, _) => Backing::Tmpfs,
-            (libc::HUGETLBFS_MAGIC, page) if page.is_power_of_two() => Backing::HugeTlb { page },
+            (TMPFS_MAGIC, _) => Backing::Tmpfs,
+            (HUGETLBFS_MAGIC, page) if page.is_power_of_two() => Backing::HugeTlb { page },
             _ => return Err(MemoryError::Filesystem(*desc)),
         };
         if meta.len() < file_end {
@@ -196,8 +201,8 @@ impl GuestRam {
         }
         // A courtesy: such a file can never be written. A seal added later makes the write
         // fail instead (EAGAIN).
-        let seals = fcntl_get(&file, libc::F_GET_SEALS).map_err(fd_err)?;
-        if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        let seals = rustix::fs::fcntl_get_seals(&file).map_err(|e| fd_err(e.into()))?;
+        if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
             return Err(MemoryError::WriteSealed(*desc));
         }
         Ok(Region {
@@ -291,10 +296,22 @@ impl GuestRam {
             let n = rest.len().min(usize::try_from(len).unwrap_or(usize::MAX));
             let (now, later) = rest.split_at(n);
             let written = match region.backing {
-                Backing::Tmpfs => region.file.write_all_at(now, offset),
-                Backing::HugeTlb { page } => copy_into_hugetlb(&region.file, page, offset, now),
+                Backing::Tmpfs => region.file.write_all_at(now, offset).map(|()| n),
+                Backing::HugeTlb { page } => {
+                    sys::copy_through_mapping(&region.file, page, offset, now)
+                }
             };
-            written.map_err(|source| MemoryError::Write { gpa: at, source })?;
+            match written {
+                Ok(copied) if copied == n => {}
+                Ok(copied) => {
+                    return Err(MemoryError::ShortCopy {
+                        gpa: at,
+                        copied,
+                        len: n,
+                    })
+                }
+                Err(source) => return Err(MemoryError::Write { gpa: at, source }),
+            }
             rest = later;
             at += n as u64;
         }
@@ -302,85 +319,15 @@ impl GuestRam {
     }
 }
 
-/// Unmaps a mapping when dropped.
-struct Mapping {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `addr` and `len` are exactly what mmap returned and took, and nothing refers
-        // to the mapping any more.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
-
-/// Writes `data` at `offset` of a hugetlbfs file (which has no write(2)) through a mapping
-/// that only the kernel touches: process_vm_readv copies from `data` into it on behalf of this
-/// very process, and a page the kernel cannot supply there is EFAULT, not SIGBUS.
-fn copy_into_hugetlb(file: &File, page: u64, offset: u64, data: &[u8]) -> io::Result<()> {
-    let too_far = || io::Error::from_raw_os_error(libc::EOVERFLOW);
-    let start = offset - offset % page;
-    let end = offset
-        .checked_add(data.len() as u64)
-        .and_then(|e| e.checked_next_multiple_of(page))
-        .ok_or_else(too_far)?;
-    let len = usize::try_from(end - start).map_err(|_| too_far())?;
-    let file_offset = libc::off_t::try_from(start).map_err(|_| too_far())?;
-    // SAFETY: a new shared mapping of the file, placed by the kernel where nothing else is;
-    // MAP_NORESERVE takes no huge pages from the pool for pages the file lacks (the copy
-    // below fails on those instead).
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            file_offset,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let mapping = Mapping { addr, len };
-    let local = libc::iovec {
-        // `offset - start < len`, so this stays inside the mapping.
-        // SAFETY: an offset within the mapping just made.
-        iov_base: unsafe { mapping.addr.cast::<u8>().add((offset - start) as usize) }.cast(),
-        iov_len: data.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: both iovecs describe memory of this process valid for the whole call: `local`
-    // the mapping (written by the kernel only), `remote` the slice (only read).
-    let copied = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    drop(mapping);
-    match copied {
-        n if n < 0 => Err(io::Error::last_os_error()),
-        n if n as usize == data.len() => Ok(()),
-        n => Err(io::Error::other(format!(
-            "{n} of {} bytes copied (a page of the file is missing)",
-            data.len()
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::MemfdFlags;
+    use std::os::fd::AsRawFd;
 
-    fn memfd(size: u64, flags: libc::c_uint) -> Option<File> {
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), flags | libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: a descriptor just created and owned by nobody else.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    fn memfd(size: u64, flags: MemfdFlags) -> Option<File> {
+        let fd = rustix::fs::memfd_create("test", flags | MemfdFlags::CLOEXEC).ok()?;
+        let file = File::from(fd);
         file.set_len(size).ok()?;
         Some(file)
     }
@@ -396,7 +343,10 @@ mod tests {
 
     #[test]
     fn a_write_spans_adjacent_regions_and_lands_at_their_offsets() {
-        let (a, b) = (memfd(0x4000, 0).expect("a"), memfd(0x4000, 0).expect("b"));
+        let (a, b) = (
+            memfd(0x4000, MemfdFlags::empty()).expect("a"),
+            memfd(0x4000, MemfdFlags::empty()).expect("b"),
+        );
         let mut ram = GuestRam::new();
         ram.add(
             &region(0x10000, 0x2000, 0x2000),
@@ -434,7 +384,7 @@ mod tests {
             .add(&region(0, 0x1000, 0), dev_null.into())
             .expect_err("chr");
         assert_eq!(err.errno(), libc::EBADF);
-        let f = memfd(0x1000, 0).expect("memfd");
+        let f = memfd(0x1000, MemfdFlags::empty()).expect("memfd");
         let path = format!("/proc/self/fd/{}", f.as_raw_fd());
         let ro = File::open(&path).expect("reopen read-only");
         let err = ram
@@ -444,22 +394,14 @@ mod tests {
         // A file on the disk the tests run from (not tmpfs): refused, a write could block.
         let disk = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).expect("tempfile");
         disk.set_len(0x1000).expect("len");
-        if filesystem(&disk).expect("statfs").0 != libc::TMPFS_MAGIC {
+        if filesystem(&disk).expect("statfs").0 != TMPFS_MAGIC {
             let err = ram
                 .add(&region(0, 0x1000, 0), disk.into())
                 .expect_err("disk");
             assert!(err.to_string().contains("not on tmpfs"), "{err}");
         }
-        let sealed = memfd(0x1000, libc::MFD_ALLOW_SEALING).expect("memfd");
-        // SAFETY: F_ADD_SEALS with an int argument on a descriptor we own.
-        let rc = unsafe {
-            libc::fcntl(
-                sealed.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_FUTURE_WRITE,
-            )
-        };
-        assert_eq!(rc, 0);
+        let sealed = memfd(0x1000, MemfdFlags::ALLOW_SEALING).expect("memfd");
+        rustix::fs::fcntl_add_seals(&sealed, SealFlags::FUTURE_WRITE).expect("seal");
         let err = ram
             .add(&region(0, 0x1000, 0), sealed.into())
             .expect_err("sealed");
@@ -471,7 +413,7 @@ mod tests {
     fn a_hugetlb_file_without_pages_fails_the_write_instead_of_faulting() {
         // An MFD_HUGETLB memfd whose pages were never allocated: with an empty pool the kernel
         // cannot supply them, and a store would be SIGBUS.
-        let Some(f) = memfd(2 << 20, libc::MFD_HUGETLB) else {
+        let Some(f) = memfd(2 << 20, MemfdFlags::HUGETLB) else {
             // CI sets COCO_REQUIRE_HUGETLB=1 where the kernel has huge pages.
             assert!(
                 std::env::var("COCO_REQUIRE_HUGETLB").as_deref() != Ok("1"),

@@ -11,8 +11,10 @@ use std::io;
 
 use coco_protocol::wire::{MAX_FDS, MAX_MEM_SLOTS};
 
-use crate::slots::SPARE_SLOTS;
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 use thiserror::Error;
+
+use crate::serve::slots::SPARE_SLOTS;
 
 /// Descriptors the process holds whatever its VMM peers do (stdio, listener, shutdown and
 /// signal pairs, the blob's file and watch, the metrics listener and its at most 16 scrapes,
@@ -22,8 +24,6 @@ const BASELINE_FDS: u64 = 64;
 /// Why the limit could not be read or raised.
 #[derive(Debug, Error)]
 pub enum RlimitError {
-    #[error("cannot read RLIMIT_NOFILE: {0}")]
-    Get(io::Error),
     #[error("cannot raise RLIMIT_NOFILE to {want}: {source}")]
     Set { want: u64, source: io::Error },
 }
@@ -40,32 +40,27 @@ pub fn fd_budget(max_connections: usize, _max_leases: usize) -> u64 {
         .saturating_add(BASELINE_FDS)
 }
 
-/// Raises the soft descriptor limit to the hard one; returns the limit now in force.
+/// Raises the soft descriptor limit to the hard one; returns the limit now in force
+/// (`u64::MAX` for none).
 pub fn raise_nofile() -> Result<u64, RlimitError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let lim = getrlimit(Resource::Nofile);
+    // `None`: RLIM_INFINITY.
+    let (soft, hard) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if soft >= hard {
+        return Ok(soft);
+    }
+    let raised = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
     };
-    // SAFETY: getrlimit writes one rlimit struct, which `lim` is, for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(RlimitError::Get(io::Error::last_os_error()));
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let want = lim.rlim_max;
-        let raised = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads one rlimit struct, which `raised` is, for the call.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-            return Err(RlimitError::Set {
-                want,
-                source: io::Error::last_os_error(),
-            });
-        }
-        lim.rlim_cur = want;
-    }
-    Ok(lim.rlim_cur)
+    setrlimit(Resource::Nofile, raised).map_err(|e| RlimitError::Set {
+        want: hard,
+        source: e.into(),
+    })?;
+    Ok(hard)
 }
 
 /// Raises the limit and logs whether it covers the worst case of these settings.

@@ -6,7 +6,7 @@
 //! and never an `open`/`close`. Parsing and validating happens once per version of the file;
 //! each request decides whether the cached version is still the file's content, *under the
 //! shared lock*, with one `read` of an inotify queue that watches the path and the file
-//! ([`crate::watch`]): empty, and the cached version was read (or its stamps checked) after the
+//! ([`super::watch`]): empty, and the cached version was read (or its stamps checked) after the
 //! watch was made, means nothing changed. Otherwise, or where the path cannot be watched, it
 //! takes one `stat(path)`. Why that is sound is argued in docs/design.md ("Blob cache"); in
 //! short:
@@ -37,18 +37,17 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coco_protocol::table::{Table, TableError, EMPTY_TABLE, MAX_TABLE_BYTES};
 use log::{error, info, warn};
 use thiserror::Error;
 
+use super::locks::{self, Backoff, LockKind};
+use super::waiters;
+use super::watch::PathWatch;
 use crate::config::MissingCerts;
-use crate::metrics::Histogram;
-use crate::ofd::{self, LockKind};
-use crate::waiters;
-use crate::watch::PathWatch;
+use crate::histogram::Histogram;
 
 /// A cached version is trusted only if it was read this long after the file's last change.
 /// Generous on purpose: it covers coarse timestamp ticks and 1- or 2-second timestamp
@@ -60,7 +59,7 @@ pub const REVERIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// The same problem is logged at most this often.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// While the shared lock is being taken or joined, /proc/locks is read at most this often for
-/// updaters waiting ([`crate::waiters`]): an updater that starts waiting is seen within this,
+/// updaters waiting ([`super::waiters`]): an updater that starts waiting is seen within this,
 /// then no new lease is granted, and it gets the lock once the leases held end (at most
 /// `--lease-timeout-ms` later). docs/design.md, "Updaters first".
 pub const UPDATER_SCAN_INTERVAL: Duration = Duration::from_millis(250);
@@ -75,7 +74,7 @@ pub const INSTALL_MARKER: [u8; 24] = *b"COCO-INSTALLING\0\xff\xff\xff\xff\0\0\0\
 
 /// Why a request cannot be served from the blob (answered EAGAIN, or EIO for
 /// [`BlobError::Missing`] under `--missing-certs eio`). The text names the problem for the log.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone)]
 pub enum BlobError {
     #[error("{0} does not exist")]
     Missing(PathBuf),
@@ -86,11 +85,12 @@ pub enum BlobError {
          {waited:?})"
     )]
     UpdaterWaiting { path: PathBuf, waited: Duration },
-    #[error("cannot {what} {path}: {error}")]
+    #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        error: String,
+        /// Shared: a verdict is cached and handed to every request that meets it.
+        source: Arc<io::Error>,
     },
     #[error("{0} is not a regular file")]
     NotRegular(PathBuf),
@@ -213,18 +213,16 @@ impl OpenBlob {
     }
 
     /// Takes a share of the shared lock, waiting at most `wait` for an updater to finish (or,
-    /// when one waits for the lock, for it to have had it). Retries with short sleeps (200 us
-    /// doubling to 5 ms), never spinning.
+    /// when one waits for the lock, for it to have had it), at the pace of [`Backoff`].
     fn acquire(self: &Arc<Self>, wait: Duration) -> io::Result<Result<BlobLock, Refused>> {
-        let mut deadline = None;
-        let mut nap = Duration::from_micros(200);
+        let mut backoff = Backoff::new(wait);
         loop {
             let refused = {
                 let mut holders = lock(&self.holders);
                 self.look_for_updaters(&mut holders);
                 if holders.yielding {
                     Refused::Yielding
-                } else if holders.count > 0 || ofd::try_lock(&self.file, LockKind::Shared)? {
+                } else if holders.count > 0 || locks::try_lock(&self.file, LockKind::Shared)? {
                     if !holders.kernel {
                         self.learn_lock_id(&mut holders);
                     }
@@ -236,13 +234,9 @@ impl OpenBlob {
                     Refused::Locked
                 }
             };
-            let now = Instant::now();
-            let deadline = *deadline.get_or_insert(now + wait);
-            if now >= deadline {
+            if !backoff.pause() {
                 return Ok(Err(refused));
             }
-            thread::sleep(nap.min(deadline - now));
-            nap = (nap * 2).min(Duration::from_millis(5));
         }
     }
 
@@ -309,7 +303,7 @@ impl OpenBlob {
         let mut holders = lock(&self.holders);
         holders.count = holders.count.saturating_sub(1);
         if holders.count == 0 {
-            if let Err(e) = ofd::unlock(&self.file) {
+            if let Err(e) = locks::unlock(&self.file) {
                 error!("cannot drop the shared lock on the blob: {e}; closing that file instead");
                 self.broken.store(true, Ordering::Relaxed);
             }
@@ -515,7 +509,7 @@ impl BlobStore {
                     self.forget(&blob);
                     return self.missing();
                 }
-                Err(e) => return self.fail_again(self.io_error("stat", &e)),
+                Err(e) => return self.fail_again(self.io_error("stat", e)),
             }
             drop(share);
             self.forget(&blob);
@@ -540,7 +534,7 @@ impl BlobStore {
         };
         match blob.file.metadata() {
             Ok(meta) => self.serve(&blob, share, FileKey::of(&meta), watch),
-            Err(e) => self.fail_again(self.io_error("stat", &e)),
+            Err(e) => self.fail_again(self.io_error("stat", e)),
         }
     }
 
@@ -643,15 +637,15 @@ impl BlobStore {
                 path: self.path.clone(),
                 waited: self.lock_wait,
             })),
-            Err(e) => Err(self.fail_again(self.io_error("lock", &e))),
+            Err(e) => Err(self.fail_again(self.io_error("lock", e))),
         }
     }
 
-    fn io_error(&self, what: &'static str, e: &io::Error) -> BlobError {
+    fn io_error(&self, what: &'static str, e: io::Error) -> BlobError {
         BlobError::Io {
             what,
             path: self.path.clone(),
-            error: e.to_string(),
+            source: Arc::new(e),
         }
     }
 
@@ -665,9 +659,9 @@ impl BlobStore {
         {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io_error("open", &e)),
+            Err(e) => return Err(self.io_error("open", e)),
         };
-        let meta = file.metadata().map_err(|e| self.io_error("stat", &e))?;
+        let meta = file.metadata().map_err(|e| self.io_error("stat", e))?;
         if !meta.is_file() {
             return Err(BlobError::NotRegular(self.path.clone()));
         }
@@ -713,7 +707,7 @@ impl BlobStore {
                     return self.fail_again(BlobError::Changed(self.path.clone()))
                 }
                 Ok(bytes) => Ok(bytes),
-                Err(e) => return self.fail_again(self.io_error("read", &e)),
+                Err(e) => return self.fail_again(self.io_error("read", e)),
             }
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
@@ -871,7 +865,7 @@ mod tests {
 
     /// Whether an exclusive OFD lock on the whole file could be taken now, asked of the kernel
     /// with fcntl(2) through a new open file (OFD locks of different open files conflict even
-    /// within one process), without the `ofd` module under test.
+    /// within one process), without the `locks` module under test.
     fn exclusive_free(p: &Path) -> bool {
         let f = OpenOptions::new()
             .read(true)
@@ -1122,7 +1116,7 @@ mod tests {
             .write(true)
             .open(&p.0)
             .expect("open");
-        assert!(ofd::try_lock(&w, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&w, LockKind::Exclusive).expect("lock"));
         let t = Instant::now();
         assert!(matches!(
             store.fetch(),
@@ -1148,7 +1142,7 @@ mod tests {
             .write(true)
             .open(&p.0)
             .expect("open");
-        assert!(ofd::announce_intent(&updater).expect("announce"));
+        assert!(locks::announce_intent(&updater).expect("announce"));
         // Joining a held lock costs no system call, but once the scan interval is over the
         // next request looks, sees the updater, and gets no share.
         std::thread::sleep(UPDATER_SCAN_INTERVAL);
@@ -1156,9 +1150,9 @@ mod tests {
             store.fetch(),
             Fetch::Again(BlobError::UpdaterWaiting { .. })
         ));
-        assert!(!ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        assert!(!locks::try_lock(&updater, LockKind::Exclusive).expect("lock"));
         drop(held);
-        assert!(ofd::try_lock(&updater, LockKind::Exclusive).expect("lock"));
+        assert!(locks::try_lock(&updater, LockKind::Exclusive).expect("lock"));
         assert!(
             matches!(store.fetch(), Fetch::Again(_)),
             "the updater has it"
@@ -1187,9 +1181,9 @@ mod tests {
     #[test]
     fn a_fifo_or_directory_at_the_path_is_eagain_not_a_hang() {
         let p = Tmp::new("fifo");
-        let c = std::ffi::CString::new(p.0.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: mkfifo reads the NUL-terminated path during the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let fifo = rustix::fs::FileType::Fifo;
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(rustix::fs::CWD, &p.0, fifo, mode, 0).expect("mkfifo");
         assert!(matches!(
             store(&p.0).fetch(),
             Fetch::Again(BlobError::NotRegular(_))

@@ -280,14 +280,7 @@ fn relevant(interest: Option<&Interest>, mask: EventMask, name: Option<&OsStr>) 
 }
 
 fn fs_type(path: &Path) -> io::Result<i64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `statfs` is plain old data, so all zeroes is a valid value.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `fs` a writable statfs that outlives the call.
-    if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fs = rustix::fs::statfs(path)?;
     #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 and other types elsewhere
     Ok(fs.f_type as i64)
 }
