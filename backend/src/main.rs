@@ -95,7 +95,7 @@ fn run(command: Command) -> Result<u8, MainError> {
             let opts = HealthOptions::try_from(args).map_err(MainError::HealthOptions)?;
             match health::check(&opts) {
                 Ok(healthy) => {
-                    println!("{healthy}");
+                    print_out(format!("{healthy}\n").as_bytes());
                     Ok(tool::exit::OK)
                 }
                 Err(e) => {

@@ -546,3 +546,42 @@ fn json_report_and_usage_errors() {
     let o = blob(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(64));
 }
+
+/// A reader that went away (`blob show | head -1`) ends nothing in a panic: each command that
+/// prints runs with standard output a pipe whose read end is already closed, and exits with
+/// the status it has with a reader.
+#[test]
+fn printing_to_a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = dir.path().join("sample.blob");
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../backend/data/sample");
+    let o = blob(&["import", sample, b.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "import: {}", text(&o));
+    let b = b.to_str().expect("utf-8");
+    let exported = dir.path().join("exported");
+    let exported = exported.to_str().expect("utf-8");
+    for args in [
+        &["blob", "show", b][..],
+        &["blob", "show", "--json", b],
+        &["blob", "check", "--at", AT, b],
+        &["blob", "check", "--json", "--at", AT, b],
+        &["blob", "export", "--force", b, exported],
+        &["completions", "bash"],
+        &["demo"],
+    ] {
+        let with_reader = Command::new(sidecar_bin())
+            .args(args)
+            .output()
+            .expect("run");
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let closed = Command::new(sidecar_bin())
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&closed.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(closed.status.code(), with_reader.status.code(), "{args:?}");
+    }
+}

@@ -6,6 +6,23 @@
 //! [`crate::args`] turns arguments into a [`Command`]; [`run`] does the work, prints, and returns
 //! the exit status (see [`exit`]).
 
+/// `print!` that a reader going away (`blob show | head`) does not turn into a panic: the
+/// write error is dropped, as nothing more can be told to a closed standard output.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!`, as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 pub mod cert;
 pub mod check;
 pub mod files;
@@ -251,7 +268,7 @@ pub fn run(cmd: Command) -> u8 {
             match install::install(table.as_bytes(), &what, &blob, &install) {
                 Ok((done, report)) => {
                     let warnings = show_warnings(&report);
-                    println!(
+                    outln!(
                         "{}: {} ({} entries, {} bytes; {warnings})",
                         blob.display(),
                         installed_word(done),
@@ -283,7 +300,7 @@ pub fn run(cmd: Command) -> u8 {
             match files::export(&table, &dir, format, force) {
                 Ok(paths) => {
                     for p in paths {
-                        println!("{}", p.display());
+                        outln!("{}", p.display());
                     }
                     exit::OK
                 }
@@ -304,7 +321,7 @@ pub fn run(cmd: Command) -> u8 {
             });
             match shown {
                 Ok(text) => {
-                    print!("{text}");
+                    out!("{text}");
                     exit::OK
                 }
                 Err(e @ ShowError::Table(_)) => {
@@ -321,11 +338,11 @@ pub fn run(cmd: Command) -> u8 {
             };
             if json {
                 match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => outln!("{s}"),
                     Err(e) => return fail(&e, exit::FAILED),
                 }
             } else {
-                print!("{}: {report}", blob.display());
+                out!("{}: {report}", blob.display());
             }
             report.exit_code()
         }
@@ -339,7 +356,7 @@ pub fn run(cmd: Command) -> u8 {
             match install::install(&bytes, &what, &blob, &opts) {
                 Ok((done, report)) => {
                     let warnings = show_warnings(&report);
-                    println!(
+                    outln!(
                         "{}: {} ({} bytes from {what}; {warnings})",
                         blob.display(),
                         installed_word(done),
@@ -365,7 +382,7 @@ pub fn run(cmd: Command) -> u8 {
                 };
                 match r.valid {
                     Ok(size) => {
-                        println!("{}: {found}{removed}; valid ({size} bytes)", blob.display());
+                        outln!("{}: {found}{removed}; valid ({size} bytes)", blob.display());
                         exit::OK
                     }
                     Err(e) => fail(
