@@ -160,6 +160,16 @@ fn signal_children(slots: &[Slot], signal: Signal) {
     }
 }
 
+/// SIGKILLs the children and waits for them: SIGKILL cannot be ignored, so the waits end.
+fn kill_children(slots: &mut [Slot]) {
+    signal_children(slots, Signal::KILL);
+    for slot in slots.iter_mut() {
+        if let Some(mut c) = slot.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
 /// The signals the supervisor acts on, caught from the moment this exists: create it before
 /// the sockets, so that a SIGTERM arriving once they appear is never the default (fatal) one.
 #[derive(Debug)]
@@ -215,12 +225,7 @@ fn run(
     for i in 0..slots.len() {
         if let Err(source) = slots[i].spawn() {
             // A child that cannot start at all is a configuration error: stop what started.
-            signal_children(&slots, Signal::KILL);
-            for slot in slots.iter_mut() {
-                if let Some(mut c) = slot.child.take() {
-                    let _ = c.wait();
-                }
-            }
+            kill_children(&mut slots);
             let s = &slots[i].spec;
             return Err(SuperviseError::Spawn {
                 name: s.name.clone(),
@@ -279,13 +284,7 @@ fn run(
                 "children still running {} s after SIGTERM: SIGKILL",
                 STOP_GRACE.as_secs()
             );
-            signal_children(&slots, Signal::KILL);
-            // SIGKILL cannot be ignored; blocking waits end.
-            for slot in slots.iter_mut() {
-                if let Some(mut c) = slot.child.take() {
-                    let _ = c.wait();
-                }
-            }
+            kill_children(&mut slots);
             break;
         }
         // A SIGCHLD, or a look every 100 ms in case one was coalesced with another signal
