@@ -33,16 +33,7 @@ import subprocess
 import sys
 import tempfile
 
-try:
-    import yaml
-    import kubernetes_validate
-except ImportError as e:  # pragma: no cover - environment check
-    print(f"check-manifests: {e}: python3 -m pip install kubernetes-validate==1.37.0",
-          file=sys.stderr)
-    sys.exit(2)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-K8S_VERSIONS = ["1.36.0", kubernetes_validate.latest_version()]
 NPM_PACKAGES = ["@kubevirt-ui-ext/kubevirt-api@1.7.0", "typescript@5.9"]
 TS_TYPES = {("kubevirt.io/v1", "VirtualMachine"): "V1VirtualMachine",
             ("kubevirt.io/v1", "KubeVirt"): "V1KubeVirt"}
@@ -56,20 +47,21 @@ HOOK_SOCKET = "coco-hook.sock"
 SIDECAR_SOCKET = "coco/sidecar.sock"
 
 
-
 def _k8s_checker():
-    """deploy/k8s/check-manifests.py, for its check() and kubernetes-validate schema()."""
+    """deploy/k8s/check-manifests.py, for its check() and kubernetes-validate schema(). Loading
+    it imports PyYAML and kubernetes-validate, or exits 2 saying how to install them."""
     path = os.path.join(ROOT, "deploy", "k8s", "check-manifests.py")
     spec = importlib.util.spec_from_file_location("k8s_check_manifests", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     # MutatingAdmissionPolicy is admissionregistration.k8s.io/v1 from Kubernetes 1.36
-    module.K8S_VERSIONS = K8S_VERSIONS
+    module.K8S_VERSIONS = ["1.36.0", module.kubernetes_validate.latest_version()]
     return module
 
 
 K8S = _k8s_checker()
 check = K8S.check
+yaml = K8S.yaml
 
 
 def load():

@@ -282,7 +282,7 @@ impl<'x> Domain<'x> {
                     .xot
                     .get_attribute(a, value)
                     .is_some_and(is_sidecar_object);
-                if !is_ours || self.xot.is_removed(a) {
+                if !is_ours {
                     continue;
                 }
                 let option = self

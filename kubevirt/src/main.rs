@@ -1,6 +1,5 @@
 use std::ffi::OsString;
 use std::io::Write;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -166,7 +165,6 @@ fn hook(a: HookArgs) -> Result<(), String> {
     };
     let Listener { listener, owned } =
         Listener::open(&listen, SOCKET_MODE).map_err(|e| e.to_string())?;
-    let listener: UnixListener = listener;
     let result = grpc::serve(listener, Hook::new(a.qemu_socket));
     if let Some(p) = owned {
         p.remove();

@@ -16,9 +16,9 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use coco_sidecar::listen::OwnedPath;
 use crossbeam_channel::RecvTimeoutError;
 use log::{error, info, warn};
+use rustix::process::{Pid, Signal, WaitOptions};
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
@@ -103,8 +104,8 @@ impl Slot {
         Ok(())
     }
 
-    fn pid(&self) -> Option<libc::pid_t> {
-        self.child.as_ref().map(|c| c.id() as libc::pid_t)
+    fn pid(&self) -> Option<Pid> {
+        self.child.as_ref().map(Pid::from_child)
     }
 
     /// Notes that the child exited; schedules its restart.
@@ -132,26 +133,14 @@ impl Slot {
 
 /// A listener's descriptor duplicated above [`CHILD_FD`], close-on-exec.
 fn high_fd(listener: &UnixListener) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the listener owns returns a new descriptor
-    // (>= 10) or -1; no memory is involved.
-    let raw = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just created by fcntl and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(listener, 10)?)
 }
 
 /// Reaps every exited process (PID 1 inherits orphans); restarts children unless `stopping`.
 fn reap(slots: &mut [Slot], stopping: bool) {
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid writes only into `status`, which is valid for writes.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return;
-        }
-        let status = <ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(status);
+    // Ends when no child has exited (Ok(None)) or none is left (ECHILD).
+    while let Ok(Some((pid, status))) = rustix::process::waitpid(None, WaitOptions::NOHANG) {
+        let status = ExitStatus::from_raw(status.as_raw());
         let now = Instant::now();
         match slots.iter_mut().find(|s| s.pid() == Some(pid)) {
             Some(slot) if stopping => {
@@ -164,10 +153,20 @@ fn reap(slots: &mut [Slot], stopping: bool) {
     }
 }
 
-fn signal_children(slots: &[Slot], signal: libc::c_int) {
+fn signal_children(slots: &[Slot], signal: Signal) {
+    // Each pid is an unreaped child of ours, so it names no other process.
     for pid in slots.iter().filter_map(Slot::pid) {
-        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our unreaped child.
-        unsafe { libc::kill(pid, signal) };
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+/// SIGKILLs the children and waits for them: SIGKILL cannot be ignored, so the waits end.
+fn kill_children(slots: &mut [Slot]) {
+    signal_children(slots, Signal::KILL);
+    for slot in slots.iter_mut() {
+        if let Some(mut c) = slot.child.take() {
+            let _ = c.wait();
+        }
     }
 }
 
@@ -226,12 +225,7 @@ fn run(
     for i in 0..slots.len() {
         if let Err(source) = slots[i].spawn() {
             // A child that cannot start at all is a configuration error: stop what started.
-            signal_children(&slots, libc::SIGKILL);
-            for slot in slots.iter_mut() {
-                if let Some(mut c) = slot.child.take() {
-                    let _ = c.wait();
-                }
-            }
+            kill_children(&mut slots);
             let s = &slots[i].spec;
             return Err(SuperviseError::Spawn {
                 name: s.name.clone(),
@@ -242,7 +236,7 @@ fn run(
         info!(
             "started {} (pid {})",
             slots[i].spec.name,
-            slots[i].pid().unwrap_or(0)
+            Pid::as_raw(slots[i].pid())
         );
     }
 
@@ -254,7 +248,7 @@ fn run(
                     Ok(()) => info!(
                         "restarted {} (pid {})",
                         slot.spec.name,
-                        slot.pid().unwrap_or(0)
+                        Pid::as_raw(slot.pid())
                     ),
                     Err(e) => {
                         error!("cannot restart {}: {e}", slot.spec.name);
@@ -281,7 +275,7 @@ fn run(
     }
 
     // Stop: SIGTERM, wait, SIGKILL whatever is left.
-    signal_children(&slots, libc::SIGTERM);
+    signal_children(&slots, Signal::TERM);
     let deadline = Instant::now() + STOP_GRACE;
     while slots.iter().any(|s| s.child.is_some()) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -290,13 +284,7 @@ fn run(
                 "children still running {} s after SIGTERM: SIGKILL",
                 STOP_GRACE.as_secs()
             );
-            signal_children(&slots, libc::SIGKILL);
-            // SIGKILL cannot be ignored; blocking waits end.
-            for slot in slots.iter_mut() {
-                if let Some(mut c) = slot.child.take() {
-                    let _ = c.wait();
-                }
-            }
+            kill_children(&mut slots);
             break;
         }
         // A SIGCHLD, or a look every 100 ms in case one was coalesced with another signal
