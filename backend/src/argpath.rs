@@ -2,9 +2,10 @@
 //! argument needs: which argument, what the path turned out to be, and the likely fix, instead
 //! of a bare `Is a directory (os error 21)`. `serve --certs` and every `blob` command use it.
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+
+use thiserror::Error;
 
 /// What an argument must name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +19,8 @@ pub enum Want {
 }
 
 /// A file error on a path given as an argument, explained.
-#[derive(Debug)]
+#[derive(Debug, Error)]
+#[error("{arg} {}: {advice}", .path.display())]
 pub struct ArgPathError {
     /// The argument, as `--help` names it (`--certs`, `BLOB`, `NEW`, `DIR`).
     pub arg: &'static str,
@@ -27,21 +29,8 @@ pub struct ArgPathError {
     /// What the path turned out to be, and what to do.
     pub advice: String,
     /// The error, when one was returned.
+    #[source]
     pub source: Option<io::Error>,
-}
-
-impl fmt::Display for ArgPathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.arg, self.path.display(), self.advice)
-    }
-}
-
-impl std::error::Error for ArgPathError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
-    }
 }
 
 const BLOB_FIX: &str = "name the certificate blob file itself (to build a blob from a \

@@ -136,10 +136,11 @@ impl std::fmt::Display for BlobState {
 /// Runs the probe.
 pub fn check(opts: &HealthOptions) -> Result<Healthy, HealthError> {
     let caps = probe_socket(opts)?;
-    let blob = match &opts.certs {
-        None => None,
-        Some(path) => Some(probe_blob(path, opts)?),
-    };
+    let blob = opts
+        .certs
+        .as_ref()
+        .map(|path| blob_ready(path, opts.lock_wait, opts.missing))
+        .transpose()?;
     Ok(Healthy { caps, blob })
 }
 
@@ -169,10 +170,6 @@ fn probe_socket(opts: &HealthOptions) -> Result<Caps, HealthError> {
         });
     }
     Ok(caps)
-}
-
-fn probe_blob(path: &std::path::Path, opts: &HealthOptions) -> Result<BlobState, HealthError> {
-    blob_ready(path, opts.lock_wait, opts.missing)
 }
 
 /// Whether the blob at `path` is servable now, judged as `serve` judges it (with a store of

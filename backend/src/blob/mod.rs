@@ -17,6 +17,6 @@ pub mod waiters;
 pub mod watch;
 
 pub use store::{
-    warn_if_too_large_for_linux, BlobError, BlobLock, BlobStats, BlobStore, Fetch, INSTALL_MARKER,
-    RACY_WINDOW,
+    warn_if_too_large_for_linux, BlobError, BlobLock, BlobStats, BlobStore, Fetch, FileKey,
+    INSTALL_MARKER, RACY_WINDOW,
 };

@@ -122,9 +122,10 @@ pub enum Fetch {
     Io(BlobError),
 }
 
-/// The identity and change stamps of one version of the file.
+/// The identity and change stamps of one version of the file: device, inode, size, mtime and
+/// ctime. Also what the blob monitor ([`crate::daemon::monitor`]) compares to see a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileKey {
+pub struct FileKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -133,7 +134,8 @@ struct FileKey {
 }
 
 impl FileKey {
-    fn of(meta: &std::fs::Metadata) -> FileKey {
+    /// The key of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> FileKey {
         FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -144,7 +146,7 @@ impl FileKey {
     }
 
     /// Whether a read at `read_at` (wall clock) happened safely after the last change.
-    fn settled_at(&self, read_at: SystemTime, window: Duration) -> bool {
+    pub fn settled_at(&self, read_at: SystemTime, window: Duration) -> bool {
         let Ok(ctime) = u64::try_from(self.ctime.0) else {
             return false;
         };

@@ -26,7 +26,7 @@ use log::{error, info, warn, Level};
 use thiserror::Error;
 
 use crate::argpath::{self, ArgPathError, Want};
-use crate::blob::{BlobError, BlobStore, Fetch, RACY_WINDOW};
+use crate::blob::{BlobError, BlobStore, Fetch, FileKey, RACY_WINDOW};
 use crate::config::{Config, MissingCerts};
 use crate::metrics::Metrics;
 use crate::tool::check::{self, CheckOptions, Report};
@@ -65,29 +65,9 @@ pub struct Judgement {
     pub vek_not_after: Option<u64>,
 }
 
-/// The path's identity and change stamps: device, inode, size, mtime and ctime (ns).
-type Stamps = (u64, u64, u64, i128, i128);
-
-fn stamps(path: &Path) -> Option<Stamps> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        ns(m.mtime(), m.mtime_nsec()),
-        ns(m.ctime(), m.ctime_nsec()),
-    ))
-}
-
-/// Whether a version whose ctime is in `stamps` was looked at safely after that change, so
-/// that a later change cannot leave the same stamps.
-fn settled(stamps: &Stamps, looked_at: SystemTime) -> bool {
-    let Ok(now) = looked_at.duration_since(std::time::UNIX_EPOCH) else {
-        return false;
-    };
-    i128::try_from(now.as_nanos()).is_ok_and(|now| now - stamps.4 > RACY_WINDOW.as_nanos() as i128)
+/// The path's stamps now ([`FileKey`]), if it can be looked at.
+fn stamps(path: &Path) -> Option<FileKey> {
+    std::fs::metadata(path).ok().as_ref().map(FileKey::of)
 }
 
 /// The bytes last judged (to notice a change), or the reason there were none.
@@ -253,7 +233,7 @@ pub struct Monitor {
     last: Option<Judgement>,
     checked: Instant,
     /// The stamps of the version last read, when they can be trusted to change with it.
-    trusted: Option<Stamps>,
+    trusted: Option<FileKey>,
 }
 
 /// Judges the blob of `config` before `serve` binds its socket: refuses a `--certs` that cannot
@@ -349,7 +329,10 @@ impl Monitor {
         let fetched = self.store.fetch();
         let looked = self.look(fetched);
         // Only a version that was read (not an updater's lock) vouches for its stamps.
-        self.trusted = looked.as_ref().and(now).filter(|s| settled(s, at));
+        self.trusted = looked
+            .as_ref()
+            .and(now)
+            .filter(|s| s.settled_at(at, RACY_WINDOW));
         let new = looked.flatten();
         if let Some(j) = &self.last {
             metrics.set_blob_judged(j.valid, j.vek_not_after);

@@ -29,9 +29,9 @@ pub enum RlimitError {
 }
 
 /// The most descriptors peers can make us hold with `max_connections` (connections that may
-/// hold memory). Leases share the blob's one open file, so `max_leases` adds nothing (only a
+/// hold memory). Leases share the blob's one open file, so `--max-leases` adds nothing (only a
 /// blob renamed over while leases on it live keeps its old file open until they end).
-pub fn fd_budget(max_connections: usize, _max_leases: usize) -> u64 {
+pub fn fd_budget(max_connections: usize) -> u64 {
     let spare = 2 + MAX_FDS as u64;
     let per_connection = spare + MAX_MEM_SLOTS;
     (max_connections as u64)
@@ -65,7 +65,7 @@ pub fn raise_nofile() -> Result<u64, RlimitError> {
 
 /// Raises the limit and logs whether it covers the worst case of these settings.
 pub fn prepare(max_connections: usize, max_leases: usize) {
-    let budget = fd_budget(max_connections, max_leases);
+    let budget = fd_budget(max_connections);
     match raise_nofile() {
         Ok(limit) if limit >= budget => {
             log::info!("descriptor limit {limit} covers the worst case of {budget}")
@@ -87,7 +87,7 @@ mod tests {
     #[test]
     fn the_default_worst_case_is_counted_per_connection() {
         // 16 connections x (2 + 32 regions + 8 in flight) + 4 spare x (2 + 8) + 64.
-        assert_eq!(fd_budget(16, 64), 16 * 42 + 4 * 10 + 64);
-        assert_eq!(fd_budget(usize::MAX, usize::MAX), u64::MAX);
+        assert_eq!(fd_budget(16), 16 * 42 + 4 * 10 + 64);
+        assert_eq!(fd_budget(usize::MAX), u64::MAX);
     }
 }

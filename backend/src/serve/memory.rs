@@ -139,11 +139,6 @@ impl GuestRam {
         GuestRam::default()
     }
 
-    /// Regions shared, in address order.
-    pub fn regions(&self) -> impl Iterator<Item = &RegionDesc> {
-        self.regions.iter().map(|r| &r.desc)
-    }
-
     /// Whether any region is shared.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()

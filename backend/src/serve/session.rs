@@ -102,9 +102,8 @@ pub struct Session {
     ram: GuestRam,
     leases: Leases,
     eagain: EagainBound,
-    lease_timeout_ms: u32,
-    lock_wait_ms: u32,
-    max_leases: u32,
+    /// The COCO_GET_CAPS answer, from the configuration.
+    caps: Caps,
     protocol_features: Option<u64>,
     metrics: Arc<Metrics>,
     /// Leases last added to the `leases_held` gauge.
@@ -123,9 +122,14 @@ impl Session {
             ram: GuestRam::new(),
             leases: Leases::new(config.max_leases, config.lease_timeout),
             eagain: EagainBound::new(id, config.max_eagain),
-            lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis()).unwrap_or(u32::MAX),
-            lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
-            max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
+            caps: Caps {
+                abis: Abi::ALL.iter().fold(0, |bits, abi| bits | abi.cap_bit()),
+                coco_subtypes: COCO_SUBTYPE_REQ_CERTS,
+                max_leases: u32::try_from(config.max_leases).unwrap_or(u32::MAX),
+                lease_timeout_ms: u32::try_from(config.lease_timeout.as_millis())
+                    .unwrap_or(u32::MAX),
+                lock_wait_ms: u32::try_from(config.lock_wait.as_millis()).unwrap_or(u32::MAX),
+            },
             protocol_features: None,
             metrics: Arc::new(Metrics::new()),
             leases_reported: 0,
@@ -354,18 +358,11 @@ impl Session {
                 Err(e) => self.refuse(header, request, e),
             },
             FrontendRequest::CocoGetCaps => {
-                let caps = Caps {
-                    abis: Abi::ALL.iter().fold(0, |bits, abi| bits | abi.cap_bit()),
-                    coco_subtypes: COCO_SUBTYPE_REQ_CERTS,
-                    max_leases: self.max_leases,
-                    lease_timeout_ms: self.lease_timeout_ms,
-                    // Reserved (0) for a frontend that did not ask for it.
-                    lock_wait_ms: if self.has(PF_COCO_LOCK_WAIT) {
-                        self.lock_wait_ms
-                    } else {
-                        0
-                    },
-                };
+                let mut caps = self.caps;
+                // Reserved (0) for a frontend that did not ask for it.
+                if !self.has(PF_COCO_LOCK_WAIT) {
+                    caps.lock_wait_ms = 0;
+                }
                 let payload = caps.encode();
                 Outcome::Reply(Header::reply(request, payload.len()), payload)
             }
