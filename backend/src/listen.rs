@@ -34,7 +34,7 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: i32 = 64;
 /// The longest socket path: `sun_path` has 108 bytes, with room for the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Why no listening socket could be had, or a peer was refused.
 #[derive(Debug, Error)]

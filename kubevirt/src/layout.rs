@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use coco_sidecar::listen::MAX_SOCKET_PATH;
 use thiserror::Error;
 
 /// Where `compute` mounts the Plugins' socket volume.
@@ -29,8 +30,6 @@ pub const HOOKS_ROOT: &str = "/var/run/kubevirt-hooks";
 pub const HOOK_SOCKET: &str = "coco-hook.sock";
 /// coco-sidecar's socket, in this container's directory: nested, for the legacy layout.
 pub const SIDECAR_SOCKET: &str = "coco/sidecar.sock";
-/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
 /// The longest plugin or container name: a DNS label, which also keeps the longest plugin
 /// path (`/var/run/kubevirt-plugin/` + 63 + `/coco/sidecar.sock`) at 106 bytes.
 pub const MAX_NAME: usize = 63;
