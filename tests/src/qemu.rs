@@ -49,19 +49,11 @@ pub fn qemu_bins(test: &str) -> Vec<QemuBin> {
     if bins.is_empty() {
         let why = "COCO_QEMU_BINS is not set (qemu-patches/build-and-test.sh builds the patched \
                    QEMU and runs these tests with it)";
-        assert!(
-            std::env::var("COCO_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_QEMU=1 but {why}"
-        );
-        println!("SKIPPED: {test}: {why}");
+        crate::skip_unless_required("COCO_REQUIRE_QEMU", test, why);
         return bins;
     }
     if !Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var("COCO_REQUIRE_KVM").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_KVM=1 but /dev/kvm is missing"
-        );
-        println!("SKIPPED: {test}: /dev/kvm is missing");
+        crate::skip_unless_required("COCO_REQUIRE_KVM", test, "/dev/kvm is missing");
         return Vec::new();
     }
     bins

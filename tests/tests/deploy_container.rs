@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use coco_protocol::exit::Abi;
 use coco_protocol::{CertsRet, Frontend};
 use coco_tests::{table_of_size, write_blob, GuestMem, HeldLock};
-use deploy_support::{serve_one_request, skipped};
+use deploy_support::serve_one_request;
 
 /// The numeric user of deploy/Containerfile.
 const IMAGE_UID: u32 = 65532;
@@ -189,11 +189,7 @@ fn podman_usable(what: &str) -> bool {
     let Some(why) = unavailable() else {
         return true;
     };
-    assert!(
-        std::env::var_os("COCO_REQUIRE_PODMAN").is_none_or(|v| v != "1"),
-        "COCO_REQUIRE_PODMAN=1 but {why}"
-    );
-    skipped(&format!("{what}: {why}"));
+    coco_tests::skip_unless_required("COCO_REQUIRE_PODMAN", what, &why);
     false
 }
 

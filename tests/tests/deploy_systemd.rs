@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use coco_tests::{amd_turin_blob, sidecar_bin, table_of_size};
+use coco_tests::{amd_turin_blob, sidecar_bin, skip_unless_required, table_of_size};
 use deploy_support::{serve_one_request, skipped, Proc};
 
 fn workspace() -> PathBuf {
@@ -57,13 +57,8 @@ fn have(tool: &str, test: &str) -> bool {
     {
         return true;
     }
-    assert!(
-        std::env::var_os("COCO_REQUIRE_SYSTEMD").is_none_or(|v| v != "1"),
-        "COCO_REQUIRE_SYSTEMD=1 but {tool} is missing (apt-get install systemd)"
-    );
-    skipped(&format!(
-        "{test}: {tool} is missing (apt-get install systemd)"
-    ));
+    let why = format!("{tool} is missing (apt-get install systemd)");
+    skip_unless_required("COCO_REQUIRE_SYSTEMD", test, &why);
     false
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::table::{CertKind, Guid, Table};
 use coco_tests::qemu::{self, fnv1a32, qemu_bins, try_exclusive, QemuBin, Req, Vm, VmOptions};
-use coco_tests::{sidecar_bin, table_of_size, write_blob, HeldLock, Sidecar};
+use coco_tests::{sidecar_bin, skip_unless_required, table_of_size, write_blob, HeldLock, Sidecar};
 use serde_json::json;
 
 const PAGE: usize = 4096;
@@ -416,11 +416,7 @@ fn guest_ram_in_huge_pages_is_shared_in_whole_huge_pages() {
     let need = u64::from(qemu::RAM_MIB) / 2;
     if free_huge_pages() < need {
         let why = format!("fewer than {need} free 2 MiB huge pages (vm.nr_hugepages)");
-        assert!(
-            std::env::var("COCO_REQUIRE_HUGEPAGES").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_HUGEPAGES=1 but {why}"
-        );
-        println!("SKIPPED: {test}: {why}");
+        skip_unless_required("COCO_REQUIRE_HUGEPAGES", test, &why);
         return;
     }
     for_each_qemu(test, |bin| {
