@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use coco_tests::updaters::output_text as text;
 use coco_tests::{amd_turin_blob, sidecar_bin, skip_unless_required, table_of_size};
 use deploy_support::{serve_one_request, skipped, Proc};
 
@@ -37,14 +38,6 @@ const UNITS: [&str; 5] = [
     "coco-sidecar-blob-update.service",
     "coco-sidecar-blob-recover.service",
 ];
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Whether `tool` runs; otherwise skip (or fail under COCO_REQUIRE_SYSTEMD=1).
 fn have(tool: &str, test: &str) -> bool {

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use coco_tests::sidecar_bin;
+use coco_tests::updaters::output_text;
 use deploy_support::skipped;
 
 fn workspace() -> PathBuf {
@@ -324,12 +325,7 @@ fn run_sandboxed(script: &str, bin_dir: &Path) -> (bool, String) {
         .arg(format!("{prologue}{script}"))
         .output()
         .expect("run unshare");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), output_text(&out))
 }
 
 /// A directory holding `coco-sidecar` (and QEMU, when there is one) for PATH.
