@@ -501,21 +501,3 @@ impl Req {
         lines.iter().filter_map(|l| Req::parse(l)).collect()
     }
 }
-
-/// Tries to take the exclusive whole-file OFD lock on `path` from this process with raw
-/// `fcntl`, as an updater would; `Some` holds it until dropped.
-pub fn try_exclusive(path: &Path) -> Option<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open blob");
-    // SAFETY: an all-zero flock is a valid value; the fields set below are plain integers.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_SETLK reads the flock we own, on a descriptor we own.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    (r == 0).then_some(f)
-}
