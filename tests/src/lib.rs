@@ -494,6 +494,27 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
     resp
 }
 
+/// The number that the line `field: N ...` of a `/proc` file such as `/proc/meminfo` or
+/// `/proc/PID/status` begins with.
+fn proc_number(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A field of `/proc/PID/status` (in KiB for the `Vm*` and `Rss*` fields); panics if it is
+/// missing.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    proc_number(&status, field).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// A field of `/proc/meminfo` (`HugePages_Free`, ...); 0 if the kernel does not have it.
+pub fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    proc_number(&text, field).unwrap_or(0)
+}
+
 /// Sets its flag when dropped, also while a panic unwinds: a test that runs load threads in a
 /// `thread::scope` holds one so that a failed assertion stops them instead of hanging.
 #[derive(Debug)]

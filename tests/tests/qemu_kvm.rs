@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use coco_tests::qemu::{self, fnv1a32, qemu_bins, QemuBin, Req, Vm, VmOptions};
 use coco_tests::updaters::{blob_cmd, old_and_new, output_text};
 use coco_tests::{
-    exclusive_lock_free, skip_unless_required, table_of_size, write_blob, HeldLock, Sidecar,
+    exclusive_lock_free, meminfo, skip_unless_required, table_of_size, write_blob, HeldLock,
+    Sidecar,
 };
 use serde_json::json;
 
@@ -376,21 +377,11 @@ fn a_timeout_not_above_the_sidecars_lock_wait_is_reported_once() {
     );
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo.
-fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn guest_ram_in_huge_pages_is_shared_in_whole_huge_pages() {
     let test = "guest_ram_in_huge_pages_is_shared_in_whole_huge_pages";
     let need = u64::from(qemu::RAM_MIB) / 2;
-    if free_huge_pages() < need {
+    if meminfo("HugePages_Free") < need {
         let why = format!("fewer than {need} free 2 MiB huge pages (vm.nr_hugepages)");
         skip_unless_required("COCO_REQUIRE_HUGEPAGES", test, &why);
         return;
