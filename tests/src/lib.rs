@@ -12,7 +12,7 @@ use coco_protocol::table::{CertKind, Table};
 
 pub mod qemu;
 use coco_protocol::wire::{self, Header, Request};
-use coco_protocol::{Frontend, MemoryRegion};
+use coco_protocol::{Frontend, FrontendError, MemoryRegion};
 
 pub mod updaters;
 
@@ -289,6 +289,14 @@ impl GuestMem {
             .as_file()
             .write_all_at(data, at)
             .expect("write memfd");
+    }
+}
+
+/// The errno of a request the sidecar refused; panics on anything else.
+pub fn rejected(r: Result<(), FrontendError>) -> i32 {
+    match r {
+        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
