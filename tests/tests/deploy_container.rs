@@ -417,13 +417,7 @@ fn the_kubevirt_image_supervises_the_sidecar_in_the_plugin_layout() {
     let subs: Vec<&str> = children.iter().map(|(_, s)| s.as_str()).collect();
     assert_eq!(subs, ["serve", "hook"], "{children:?}");
     for p in std::iter::once(pid.as_str()).chain(children.iter().map(|(p, _)| p.as_str())) {
-        let uids = status_field(p, "Uid");
-        assert!(
-            uids.split_whitespace().all(|u| u == "107"),
-            "{p}: uids {uids}"
-        );
-        assert_eq!(status_field(p, "CapEff"), "0000000000000000");
-        assert_eq!(status_field(p, "NoNewPrivs"), "1");
+        assert_confined(p, 107);
     }
     let mode = std::fs::metadata(&socket)
         .expect("stat")
