@@ -36,6 +36,14 @@ pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
     bin
 }
 
+/// The workspace's top directory (the deploy scripts, the docs, qemu-patches/).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
 /// Path of the `coco-sidecar` binary under test (`COCO_SIDECAR_BIN` overrides).
 pub fn sidecar_bin() -> PathBuf {
     workspace_bin("coco-sidecar", "COCO_SIDECAR_BIN")

@@ -16,18 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use coco_tests::updaters::output_text as text;
-use coco_tests::{amd_turin_blob, sidecar_bin, skip_unless_required, table_of_size};
+use coco_tests::{
+    amd_turin_blob, sidecar_bin, skip_unless_required, table_of_size, workspace_root,
+};
 use deploy_support::{serve_one_request, skipped, Proc};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
 fn units_dir() -> PathBuf {
-    workspace().join("deploy/systemd")
+    workspace_root().join("deploy/systemd")
 }
 
 /// The instances the test verifies: every unit file of deploy/systemd, templates as `vm1`.
@@ -69,7 +64,7 @@ fn binary_with_checksum(dir: &Path) -> PathBuf {
 }
 
 fn install_node(root: &Path, bin: &Path) -> Output {
-    Command::new(workspace().join("deploy/install-node.sh"))
+    Command::new(workspace_root().join("deploy/install-node.sh"))
         .arg("--root")
         .arg(root)
         .arg("--bin")
