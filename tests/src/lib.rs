@@ -49,7 +49,8 @@ pub fn sidecar_bin() -> PathBuf {
     workspace_bin("coco-sidecar", "COCO_SIDECAR_BIN")
 }
 
-fn locker_bin() -> PathBuf {
+/// Path of `coco-test-locker`, the raw-fcntl second process (`COCO_TEST_LOCKER_BIN` overrides).
+pub fn locker_bin() -> PathBuf {
     workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN")
 }
 
