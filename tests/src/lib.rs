@@ -12,7 +12,7 @@ use coco_protocol::table::{CertKind, Table};
 
 pub mod qemu;
 use coco_protocol::wire::{self, Header, Request};
-use coco_protocol::{Frontend, MemoryRegion};
+use coco_protocol::{Frontend, FrontendError, MemoryRegion};
 
 pub mod updaters;
 
@@ -36,12 +36,21 @@ pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
     bin
 }
 
+/// The workspace's top directory (the deploy scripts, the docs, qemu-patches/).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
 /// Path of the `coco-sidecar` binary under test (`COCO_SIDECAR_BIN` overrides).
 pub fn sidecar_bin() -> PathBuf {
     workspace_bin("coco-sidecar", "COCO_SIDECAR_BIN")
 }
 
-fn locker_bin() -> PathBuf {
+/// Path of `coco-test-locker`, the raw-fcntl second process (`COCO_TEST_LOCKER_BIN` overrides).
+pub fn locker_bin() -> PathBuf {
     workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN")
 }
 
@@ -292,6 +301,14 @@ impl GuestMem {
     }
 }
 
+/// The errno of a request the sidecar refused; panics on anything else.
+pub fn rejected(r: Result<(), FrontendError>) -> i32 {
+    match r {
+        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 /// Runs `coco-sidecar health --socket SOCKET` as `uid` (the caller must be root), for a peer
 /// that `--allow-uid` refuses; its exit status.
 pub fn health_as_uid(socket: &Path, uid: u32) -> ExitStatus {
@@ -492,6 +509,27 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
         );
     }
     resp
+}
+
+/// The number that the line `field: N ...` of a `/proc` file such as `/proc/meminfo` or
+/// `/proc/PID/status` begins with.
+fn proc_number(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A field of `/proc/PID/status` (in KiB for the `Vm*` and `Rss*` fields); panics if it is
+/// missing.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    proc_number(&status, field).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// A field of `/proc/meminfo` (`HugePages_Free`, ...); 0 if the kernel does not have it.
+pub fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    proc_number(&text, field).unwrap_or(0)
 }
 
 /// Sets its flag when dropped, also while a panic unwinds: a test that runs load threads in a

@@ -49,19 +49,11 @@ pub fn qemu_bins(test: &str) -> Vec<QemuBin> {
     if bins.is_empty() {
         let why = "COCO_QEMU_BINS is not set (qemu-patches/build-and-test.sh builds the patched \
                    QEMU and runs these tests with it)";
-        assert!(
-            std::env::var("COCO_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_QEMU=1 but {why}"
-        );
-        println!("SKIPPED: {test}: {why}");
+        crate::skip_unless_required("COCO_REQUIRE_QEMU", test, why);
         return bins;
     }
     if !Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var("COCO_REQUIRE_KVM").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_KVM=1 but /dev/kvm is missing"
-        );
-        println!("SKIPPED: {test}: /dev/kvm is missing");
+        crate::skip_unless_required("COCO_REQUIRE_KVM", test, "/dev/kvm is missing");
         return Vec::new();
     }
     bins
@@ -508,22 +500,4 @@ impl Req {
     pub fn all(lines: &[String]) -> Vec<Req> {
         lines.iter().filter_map(|l| Req::parse(l)).collect()
     }
-}
-
-/// Tries to take the exclusive whole-file OFD lock on `path` from this process with raw
-/// `fcntl`, as an updater would; `Some` holds it until dropped.
-pub fn try_exclusive(path: &Path) -> Option<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open blob");
-    // SAFETY: an all-zero flock is a valid value; the fields set below are plain integers.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_SETLK reads the flock we own, on a descriptor we own.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    (r == 0).then_some(f)
 }

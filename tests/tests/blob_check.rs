@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 use coco_protocol::table::{CertKind, Guid, Table};
 use coco_tests::sidecar_bin;
+use coco_tests::updaters::{output_text as text, synth};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
 /// Inside every fixture certificate's validity.
@@ -22,14 +23,6 @@ fn blob(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run coco-sidecar blob")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Runs `blob check` and returns (exit code, all output).
@@ -79,10 +72,6 @@ fn raw_table(certs: &[(CertKind, &[u8])]) -> Vec<u8> {
         b.extend_from_slice(data);
     }
     b
-}
-
-fn synth(name: &str) -> Vec<u8> {
-    std::fs::read(fixture(&format!("synthetic/{name}.der"))).expect("fixture")
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {

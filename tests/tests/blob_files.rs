@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use coco_tests::sidecar_bin;
-use coco_tests::updaters::listing;
+use coco_tests::updaters::{listing, output_text as text};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
 
@@ -23,14 +23,6 @@ fn blob(args: &[&Path]) -> Output {
 
 fn p(s: &str) -> &Path {
     Path::new(s)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A directory holding `files` as (fixture, name) pairs.

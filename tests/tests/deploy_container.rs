@@ -20,23 +20,19 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::{CertsRet, Frontend};
-use coco_tests::{table_of_size, write_blob, GuestMem, HeldLock};
-use deploy_support::{serve_one_request, skipped};
+use coco_tests::{table_of_size, workspace_root, write_blob, GuestMem, HeldLock};
+use deploy_support::serve_one_request;
 
 /// The numeric user of deploy/Containerfile.
 const IMAGE_UID: u32 = 65532;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
 /// Runs podman with the project's containers.conf (runc, ulimits), bounded in time.
 fn podman(args: &[&str]) -> Output {
-    let conf = std::env::var_os("CONTAINERS_CONF")
-        .unwrap_or_else(|| workspace().join("deploy/podman/containers.conf").into());
+    let conf = std::env::var_os("CONTAINERS_CONF").unwrap_or_else(|| {
+        workspace_root()
+            .join("deploy/podman/containers.conf")
+            .into()
+    });
     Command::new("timeout")
         .arg("300")
         .arg("podman")
@@ -77,7 +73,7 @@ fn static_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("COCO_SIDECAR_STATIC_BIN") {
         return PathBuf::from(p);
     }
-    let out = Command::new(workspace().join("deploy/build-static.sh"))
+    let out = Command::new(workspace_root().join("deploy/build-static.sh"))
         .output()
         .expect("run deploy/build-static.sh");
     assert!(
@@ -189,17 +185,13 @@ fn podman_usable(what: &str) -> bool {
     let Some(why) = unavailable() else {
         return true;
     };
-    assert!(
-        std::env::var_os("COCO_REQUIRE_PODMAN").is_none_or(|v| v != "1"),
-        "COCO_REQUIRE_PODMAN=1 but {why}"
-    );
-    skipped(&format!("{what}: {why}"));
+    coco_tests::skip_unless_required("COCO_REQUIRE_PODMAN", what, &why);
     false
 }
 
 /// Builds an image with one of deploy/'s build scripts and checks its numeric user.
 fn build_image(script: &str, args: &[&str], tag: &str, user: &str) {
-    let build = Command::new(workspace().join(script))
+    let build = Command::new(workspace_root().join(script))
         .args(["--tag", tag])
         .args(args)
         .output()
@@ -421,13 +413,7 @@ fn the_kubevirt_image_supervises_the_sidecar_in_the_plugin_layout() {
     let subs: Vec<&str> = children.iter().map(|(_, s)| s.as_str()).collect();
     assert_eq!(subs, ["serve", "hook"], "{children:?}");
     for p in std::iter::once(pid.as_str()).chain(children.iter().map(|(p, _)| p.as_str())) {
-        let uids = status_field(p, "Uid");
-        assert!(
-            uids.split_whitespace().all(|u| u == "107"),
-            "{p}: uids {uids}"
-        );
-        assert_eq!(status_field(p, "CapEff"), "0000000000000000");
-        assert_eq!(status_field(p, "NoNewPrivs"), "1");
+        assert_confined(p, 107);
     }
     let mode = std::fs::metadata(&socket)
         .expect("stat")

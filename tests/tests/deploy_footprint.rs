@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::exit::Abi;
 use coco_protocol::CertsRet;
-use coco_tests::{table_of_size, write_blob, GuestMem, Sidecar};
+use coco_tests::{proc_status, table_of_size, write_blob, GuestMem, Sidecar};
 use deploy_support::health;
 
 const CONNECTIONS: usize = 16;
@@ -29,15 +29,6 @@ const REQUESTS_PER_CONNECTION: usize = 1500;
 const GUEST_RAM: u64 = 256 << 20;
 /// The sidecar container's memory limit in deploy/k8s/pod.yaml.
 const MANIFEST_LIMIT_KIB: u64 = 64 * 1024;
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
 
 /// User plus system CPU time of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -61,9 +52,9 @@ struct Peak {
 impl Peak {
     fn sample(self, pid: u32) -> Peak {
         Peak {
-            rss: self.rss.max(status_kib(pid, "VmRSS")),
-            anon: self.anon.max(status_kib(pid, "RssAnon")),
-            threads: self.threads.max(status_kib(pid, "Threads")),
+            rss: self.rss.max(proc_status(pid, "VmRSS")),
+            anon: self.anon.max(proc_status(pid, "RssAnon")),
+            threads: self.threads.max(proc_status(pid, "Threads")),
         }
     }
 }
@@ -90,7 +81,7 @@ fn footprint_under_load_fits_the_manifest() {
     // Room for the VMM connections and the probe's.
     let sidecar = Sidecar::start(&blob, &["--max-connections", "20"]);
     let pid = sidecar.pid();
-    let idle = (status_kib(pid, "VmRSS"), status_kib(pid, "RssAnon"));
+    let idle = (proc_status(pid, "VmRSS"), proc_status(pid, "RssAnon"));
     let cpu_before = cpu_ticks(pid);
 
     let finished = AtomicUsize::new(0);
@@ -143,7 +134,7 @@ fn footprint_under_load_fits_the_manifest() {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let requests = (CONNECTIONS * REQUESTS_PER_CONNECTION) as u64;
-    let hwm = status_kib(pid, "VmHWM");
+    let hwm = proc_status(pid, "VmHWM");
     let line = format!(
         "FOOTPRINT: idle VmRSS {} kB (anon {} kB); under load ({CONNECTIONS} connections, \
          {requests} requests of {} bytes + DONE): peak VmRSS {} kB, peak RssAnon {} kB, \

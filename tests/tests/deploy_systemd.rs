@@ -15,18 +15,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use coco_tests::{amd_turin_blob, sidecar_bin, table_of_size};
+use coco_tests::updaters::output_text as text;
+use coco_tests::{
+    amd_turin_blob, sidecar_bin, skip_unless_required, table_of_size, workspace_root,
+};
 use deploy_support::{serve_one_request, skipped, Proc};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
 fn units_dir() -> PathBuf {
-    workspace().join("deploy/systemd")
+    workspace_root().join("deploy/systemd")
 }
 
 /// The instances the test verifies: every unit file of deploy/systemd, templates as `vm1`.
@@ -37,14 +33,6 @@ const UNITS: [&str; 5] = [
     "coco-sidecar-blob-update.service",
     "coco-sidecar-blob-recover.service",
 ];
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Whether `tool` runs; otherwise skip (or fail under COCO_REQUIRE_SYSTEMD=1).
 fn have(tool: &str, test: &str) -> bool {
@@ -57,13 +45,8 @@ fn have(tool: &str, test: &str) -> bool {
     {
         return true;
     }
-    assert!(
-        std::env::var_os("COCO_REQUIRE_SYSTEMD").is_none_or(|v| v != "1"),
-        "COCO_REQUIRE_SYSTEMD=1 but {tool} is missing (apt-get install systemd)"
-    );
-    skipped(&format!(
-        "{test}: {tool} is missing (apt-get install systemd)"
-    ));
+    let why = format!("{tool} is missing (apt-get install systemd)");
+    skip_unless_required("COCO_REQUIRE_SYSTEMD", test, &why);
     false
 }
 
@@ -81,7 +64,7 @@ fn binary_with_checksum(dir: &Path) -> PathBuf {
 }
 
 fn install_node(root: &Path, bin: &Path) -> Output {
-    Command::new(workspace().join("deploy/install-node.sh"))
+    Command::new(workspace_root().join("deploy/install-node.sh"))
         .arg("--root")
         .arg(root)
         .arg("--bin")

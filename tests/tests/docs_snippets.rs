@@ -22,15 +22,9 @@ mod deploy_support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use coco_tests::sidecar_bin;
+use coco_tests::updaters::output_text;
+use coco_tests::{sidecar_bin, workspace_root};
 use deploy_support::skipped;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
 
 /// A fenced ```sh block: the page, its first line's number, its text (indentation removed).
 #[derive(Debug, Clone)]
@@ -52,7 +46,7 @@ impl Block {
 }
 
 fn blocks(doc: &'static str) -> Vec<Block> {
-    let text = std::fs::read_to_string(workspace().join(doc)).expect("read the page");
+    let text = std::fs::read_to_string(workspace_root().join(doc)).expect("read the page");
     let mut out = Vec::new();
     let mut open: Option<(usize, usize, String)> = None;
     for (i, line) in text.lines().enumerate() {
@@ -202,7 +196,7 @@ fn the_documented_configure_line_is_the_one_ci_builds_with() {
         .split_whitespace()
         .filter(|w| w.starts_with("--"))
         .collect();
-    let script = std::fs::read_to_string(workspace().join("qemu-patches/build-and-test.sh"))
+    let script = std::fs::read_to_string(workspace_root().join("qemu-patches/build-and-test.sh"))
         .expect("build script");
     let args = script
         .split("CONFIGURE_ARGS=(")
@@ -308,7 +302,7 @@ fn run_sandboxed(script: &str, bin_dir: &Path) -> (bool, String) {
          cd {w}\n",
         f = fixtures.display(),
         b = bin_dir.display(),
-        w = workspace().display()
+        w = workspace_root().display()
     ));
     let _points = MountPoints::make(&MOUNTS);
     let out = Command::new("timeout")
@@ -324,12 +318,7 @@ fn run_sandboxed(script: &str, bin_dir: &Path) -> (bool, String) {
         .arg(format!("{prologue}{script}"))
         .output()
         .expect("run unshare");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), output_text(&out))
 }
 
 /// A directory holding `coco-sidecar` (and QEMU, when there is one) for PATH.

@@ -9,7 +9,7 @@ use coco_protocol::exit::Abi;
 use coco_protocol::transport::{self, send_bytes};
 use coco_protocol::wire::{self, Header, RegionDesc, Request};
 use coco_protocol::{CertsRet, Frontend, FrontendError, MemoryRegion};
-use coco_tests::{exclusive_lock_free, table_of_size, write_blob, GuestMem, Sidecar};
+use coco_tests::{exclusive_lock_free, rejected, table_of_size, write_blob, GuestMem, Sidecar};
 
 const PAGE: u64 = 4096;
 const CANARY: u8 = 0x5a;
@@ -30,13 +30,6 @@ fn page_region(mem: &GuestMem, i: u64) -> MemoryRegion<'_> {
         mmap_offset: i * PAGE,
         userspace_addr: 0,
         fd: mem.memfd.as_file().as_fd(),
-    }
-}
-
-fn errno(r: Result<(), FrontendError>) -> i32 {
-    match r {
-        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
-        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -85,7 +78,7 @@ fn thirty_two_regions_fit_and_the_33rd_gets_enospc() {
             .unwrap_or_else(|e| panic!("region {i}: {e}"));
     }
     assert_eq!(
-        errno(vmm.add_mem_region(&page_region(&mem, 32))),
+        rejected(vmm.add_mem_region(&page_region(&mem, 32))),
         libc::ENOSPC,
         "the 33rd region"
     );
@@ -111,7 +104,7 @@ fn thirty_two_regions_fit_and_the_33rd_gets_enospc() {
     vmm.add_mem_region(&page_region(&mem, 32))
         .expect("room again");
     assert_eq!(
-        errno(vmm.add_mem_region(&page_region(&mem, 33))),
+        rejected(vmm.add_mem_region(&page_region(&mem, 33))),
         libc::ENOSPC
     );
 }
@@ -263,7 +256,7 @@ fn sixteen_vmms_hold_memory_the_17th_gets_ebusy_and_newcomers_displace_idle_peer
     let mut extra = sidecar.connect();
     assert_eq!(extra.caps().expect("served").abis, 0x6);
     assert_eq!(
-        errno(extra.add_mem_region(&page_region(&mem, 0))),
+        rejected(extra.add_mem_region(&page_region(&mem, 0))),
         libc::EBUSY,
         "a 17th connection with memory"
     );

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use coco_protocol::exit::Abi;
 use coco_protocol::{CertsRet, MemoryRegion};
 use coco_tests::{
-    skip_unless_required, table_of_size, write_blob, GuestMem, Sidecar, TmpfsMount,
-    REQUIRE_HUGETLB_VAR,
+    meminfo, proc_status, skip_unless_required, table_of_size, write_blob, GuestMem, Sidecar,
+    TmpfsMount, REQUIRE_HUGETLB_VAR,
 };
 
 const MIB: u64 = 1 << 20;
@@ -49,15 +49,6 @@ fn memfd(size: u64, flags: libc::c_uint) -> Option<File> {
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size).ok()?;
     Some(f)
-}
-
-fn meminfo(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .expect("meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn sysctl(name: &str) -> u64 {
@@ -278,15 +269,6 @@ fn truncating_and_punching_guest_ram_under_requests_never_crashes_the_sidecar() 
     assert!(sidecar.alive(), "{}", sidecar.log());
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("field")
-}
-
 #[test]
 fn peers_registering_hundreds_of_tib_cost_no_address_space_and_starve_no_one() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -306,7 +288,7 @@ fn peers_registering_hundreds_of_tib_cost_no_address_space_and_starve_no_one() {
         }
         hogs.push(hog);
     }
-    let vm_size_kib = status_kib(sidecar.pid(), "VmSize");
+    let vm_size_kib = proc_status(sidecar.pid(), "VmSize");
     println!("VmSize with 256 TiB registered: {vm_size_kib} KiB");
     assert!(
         vm_size_kib < 4 * 1024 * 1024,

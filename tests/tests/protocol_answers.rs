@@ -14,7 +14,7 @@ use coco_protocol::wire::{
     self, Header, Request, F_PROTOCOL_FEATURES, PF_COCO, PF_CONFIGURE_MEM_SLOTS, PF_REPLY_ACK,
 };
 use coco_protocol::{CertsRet, FrontendError, MemoryRegion};
-use coco_tests::{der_blob, table_of_size, write_blob, GuestMem, Sidecar};
+use coco_tests::{der_blob, rejected, table_of_size, write_blob, GuestMem, Sidecar};
 
 const RAM: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -237,13 +237,6 @@ fn coco_done_of_an_unknown_lease_is_enoent_or_ignored_never_a_close() {
         other => panic!("DONE of a replaced lease: {other:?}"),
     }
     vmm.done(second.lease).expect("the current lease");
-}
-
-fn rejected(r: Result<(), FrontendError>) -> i32 {
-    match r {
-        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 /// A file on the disk the tests run from (not tmpfs: refused with EPERM), of `len` bytes.

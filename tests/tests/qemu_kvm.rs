@@ -10,12 +10,14 @@
 //! makes that a failure, as `qemu-patches/build-and-test.sh` sets it).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use coco_protocol::table::{CertKind, Guid, Table};
-use coco_tests::qemu::{self, fnv1a32, qemu_bins, try_exclusive, QemuBin, Req, Vm, VmOptions};
-use coco_tests::{sidecar_bin, table_of_size, write_blob, HeldLock, Sidecar};
+use coco_tests::qemu::{self, fnv1a32, qemu_bins, QemuBin, Req, Vm, VmOptions};
+use coco_tests::updaters::{blob_cmd, old_and_new, output_text};
+use coco_tests::{
+    exclusive_lock_free, meminfo, skip_unless_required, table_of_size, write_blob, HeldLock,
+    Sidecar,
+};
 use serde_json::json;
 
 const PAGE: usize = 4096;
@@ -79,27 +81,6 @@ impl Setup {
     fn pages(&self) -> u32 {
         self.table.len().div_ceil(PAGE) as u32
     }
-}
-
-/// A table of the synthetic certificates in tests/fixtures (real X.509, as `blob install`
-/// accepts), one entry per name.
-fn fixture_table(names: &[&str]) -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synthetic");
-    let certs: Vec<(Guid, Vec<u8>)> = names
-        .iter()
-        .map(|n| {
-            let kind = match *n {
-                "ark" => CertKind::Ark,
-                "ask" => CertKind::Ask,
-                "vcek" => CertKind::Vcek,
-                _ => CertKind::Crl,
-            };
-            let der = std::fs::read(dir.join(format!("{n}.der"))).expect("fixture");
-            (kind.guid(), der)
-        })
-        .collect();
-    let refs: Vec<(Guid, &[u8])> = certs.iter().map(|(g, d)| (*g, d.as_slice())).collect();
-    Table::build(&refs).expect("valid table").into_bytes()
 }
 
 /// Each REQ line of `lines` got `setup`'s table, whole.
@@ -174,9 +155,10 @@ fn blob_install_between_requests_serves_the_new_chain() {
     for_each_qemu(
         "blob_install_between_requests_serves_the_new_chain",
         |bin| {
-            let mut setup = Setup::with_table(fixture_table(&["ark", "ask", "vcek"]));
+            // The synthetic chain (real X.509, as `blob install` accepts), then with a CRL.
+            let (old_table, new_table) = old_and_new();
+            let mut setup = Setup::with_table(old_table);
             setup.start_sidecar();
-            let new_table = fixture_table(&["ark", "ask", "vcek", "crl"]);
             let new_blob = write_blob(setup._dir.path(), "new.bin", &new_table);
             let (old, new) = (setup.digest(), fnv1a32(&new_table));
             let mut opts = VmOptions::new(&setup.socket);
@@ -187,17 +169,13 @@ fn blob_install_between_requests_serves_the_new_chain() {
             vm.wait_line("a request served the old chain", LONG, |l| {
                 Req::parse(l).is_some_and(|r| r.digest == old)
             });
-            let out = Command::new(sidecar_bin())
-                .args(["blob", "install"])
+            let out = blob_cmd()
+                .arg("install")
                 .arg(&new_blob)
                 .arg(&setup.blob)
                 .output()
                 .expect("blob install");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{}", output_text(&out));
             vm.wait_line("a request served the new chain", LONG, |l| {
                 Req::parse(l).is_some_and(|r| r.digest == new)
             });
@@ -274,7 +252,7 @@ fn the_lease_holds_the_lock_until_the_request_reaches_firmware() {
                 vm.transcript()
             );
             assert!(
-                try_exclusive(&setup.blob).is_none(),
+                !exclusive_lock_free(&setup.blob),
                 "an updater got the lock while the lease was held"
             );
             assert!(Req::all(&vm.lines()).is_empty());
@@ -287,8 +265,7 @@ fn the_lease_holds_the_lock_until_the_request_reaches_firmware() {
                 )
                 .expect("qom-set");
             assert!(
-                within(Duration::from_secs(5), || try_exclusive(&setup.blob)
-                    .is_some()),
+                within(Duration::from_secs(5), || exclusive_lock_free(&setup.blob)),
                 "the lock stayed held after the request reached firmware"
             );
             let reqs = Req::all(&vm.wait_done(LONG));
@@ -400,27 +377,13 @@ fn a_timeout_not_above_the_sidecars_lock_wait_is_reported_once() {
     );
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo.
-fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn guest_ram_in_huge_pages_is_shared_in_whole_huge_pages() {
     let test = "guest_ram_in_huge_pages_is_shared_in_whole_huge_pages";
     let need = u64::from(qemu::RAM_MIB) / 2;
-    if free_huge_pages() < need {
+    if meminfo("HugePages_Free") < need {
         let why = format!("fewer than {need} free 2 MiB huge pages (vm.nr_hugepages)");
-        assert!(
-            std::env::var("COCO_REQUIRE_HUGEPAGES").as_deref() != Ok("1"),
-            "{test}: COCO_REQUIRE_HUGEPAGES=1 but {why}"
-        );
-        println!("SKIPPED: {test}: {why}");
+        skip_unless_required("COCO_REQUIRE_HUGEPAGES", test, &why);
         return;
     }
     for_each_qemu(test, |bin| {

@@ -11,8 +11,8 @@ use coco_protocol::transport::{self, send_bytes};
 use coco_protocol::wire::{self, ExitMsg, Header, RegionDesc, Request, HEADER_SIZE};
 use coco_protocol::{CertsRet, FrontendError};
 use coco_tests::{
-    exclusive_lock_free, http_get, metrics_addr, table_of_size, write_blob, GuestMem, HeldLock,
-    Sidecar,
+    exclusive_lock_free, http_get, metrics_addr, rejected, table_of_size, write_blob, GuestMem,
+    HeldLock, Sidecar,
 };
 
 const CANARY: u8 = 0xa5;
@@ -837,10 +837,6 @@ fn refused_regions_get_an_errno_and_the_connection_lives_on() {
     let other = GuestMem::new(RAM, CANARY);
     let mut vmm = sidecar.connect();
     vmm.add_mem_region(&mem.region(0)).expect("first region");
-    let rejected = |r: Result<(), FrontendError>| match r {
-        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
     assert_eq!(
         rejected(vmm.add_mem_region(&other.region(RAM / 2))),
         libc::EEXIST,
@@ -973,10 +969,6 @@ fn every_region_rule_of_section_5_4_refuses_and_changes_nothing() {
     let b = GuestMem::new(4 * RAM, CANARY);
     let mut vmm = sidecar.connect();
     vmm.set_mem_table(&[a.region(0)]).expect("a at 0");
-    let rejected = |r: Result<(), FrontendError>| match r {
-        Err(FrontendError::Rejected { errno, .. }) => errno as i32,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
     let at = |gpa: u64, size: u64, offset: u64| coco_protocol::MemoryRegion {
         guest_phys_addr: gpa,
         size,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use coco_tests::updaters::wait_with_deadline;
 use coco_tests::{amd_turin_blob, http_get, metrics_addr, sidecar_bin, Sidecar};
 
 /// `date -u -d 2031-11-06T21:14:00Z +%s`: the Turin VCEK fixture's notAfter.
@@ -23,7 +24,7 @@ fn fixture(name: &str) -> PathBuf {
 /// `serve` that must not start: its output, bounded in time.
 fn refused(certs: &Path) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(sidecar_bin())
+    let child = Command::new(sidecar_bin())
         .arg("serve")
         .arg("--socket")
         .arg(dir.path().join("s.sock"))
@@ -34,19 +35,12 @@ fn refused(certs: &Path) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve --certs {} kept running", certs.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let out = wait_with_deadline(child, Duration::from_secs(10));
     assert!(
         !dir.path().join("s.sock").exists(),
         "no socket for a refused start"
     );
-    child.wait_with_output().expect("output")
+    out
 }
 
 #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use coco_protocol::{Abi, CertsRet};
 use coco_tests::updaters::{blob_cmd, connect_with_ram, output_text, staged, Staged, MEM};
-use coco_tests::{lock_free, workspace_bin, Sidecar, StopOnDrop};
+use coco_tests::{lock_free, locker_bin, Sidecar, StopOnDrop};
 
 const LEASE_TIMEOUT_MS: u64 = 1000;
 const LOCK_WAIT_MS: u64 = 100;
@@ -202,7 +202,7 @@ struct ThirdParty {
 
 impl ThirdParty {
     fn start(blob: &Path) -> ThirdParty {
-        let mut child = Command::new(workspace_bin("coco-test-locker", "COCO_TEST_LOCKER_BIN"))
+        let mut child = Command::new(locker_bin())
             .args(["wait", "exclusive"])
             .arg(blob)
             .stdin(Stdio::piped())
